@@ -1,0 +1,75 @@
+"""A static, rollback-able KV cache: one preallocated slot per sequence, per-slot lengths.
+
+Rollback is a length change: positions past a slot's length are never read (the attention mask
+stops at each query's position), so truncating a slot costs nothing."""
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self, n_layers, n_slots, max_len, n_kv_heads, head_dim, dtype, layer_devices):
+        # One extra position per slot takes the writes of padding tokens.
+        self.max_len = max_len
+        self.scratch = max_len
+        shape = (n_slots, n_kv_heads, max_len + 1, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=d) for d in layer_devices]
+        self.v = [torch.zeros(shape, dtype=dtype, device=d) for d in layer_devices]
+        self.n_slots = n_slots
+
+    def write(self, layer: int, slots, write_pos, k, v):
+        """k, v: [B, Hkv, T, D] stored at write_pos [B, T] of the given slots."""
+        idx = slots[:, None].expand_as(write_pos)
+        self.k[layer][idx, :, write_pos] = k.transpose(1, 2)
+        self.v[layer][idx, :, write_pos] = v.transpose(1, 2)
+
+    def read(self, layer: int, slots, n_keys: int, contiguous_from: int | None):
+        """Keys and values of the first n_keys positions: a view when slots are adjacent."""
+        if contiguous_from is not None:
+            s = slice(contiguous_from, contiguous_from + slots.shape[0])
+            return self.k[layer][s, :, :n_keys], self.v[layer][s, :, :n_keys]
+        return self.k[layer][slots, :, :n_keys], self.v[layer][slots, :, :n_keys]
+
+
+class NoFreeSlot(RuntimeError):
+    """Every KV-cache slot is taken: the caller should queue or refuse (overload)."""
+
+
+class SlotTable:
+    """Maps sequence ids to cache slots and remembers which tokens each slot holds, so a caller
+    that sends a sequence's full token list gets its cache reused up to the common prefix (and
+    rebuilt by prefill where it was lost)."""
+
+    def __init__(self, n_slots: int):
+        self.free = list(range(n_slots - 1, -1, -1))
+        self.slot: dict[str, int] = {}
+        self.tokens: dict[str, list[int]] = {}
+
+    def acquire(self, seq_id: str) -> int:
+        if seq_id in self.slot:
+            return self.slot[seq_id]
+        if not self.free:
+            raise NoFreeSlot(f"no free KV-cache slot for sequence {seq_id!r}")
+        self.slot[seq_id] = self.free.pop()
+        self.tokens[seq_id] = []
+        return self.slot[seq_id]
+
+    def release(self, seq_id: str) -> bool:
+        slot = self.slot.pop(seq_id, None)
+        self.tokens.pop(seq_id, None)
+        if slot is None:
+            return False
+        self.free.append(slot)
+        return True
+
+    def common_prefix(self, seq_id: str, tokens: list[int]) -> int:
+        """Length of the cached prefix still valid for `tokens`; at least one token stays uncached
+        so the next call has an input."""
+        cached = self.tokens[seq_id]
+        n = min(len(cached), len(tokens) - 1)
+        if cached[:n] != tokens[:n]:
+            n = next(i for i in range(n) if cached[i] != tokens[i])
+        return n
+
+    def __len__(self):
+        return len(self.slot)

@@ -1,0 +1,147 @@
+"""One pydantic config for the CLI, the Ray app and the tests: the draft, the targets, profiles,
+sampling and limits, read from one YAML file. A wrong value raises an error that names the field."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Dtype = Literal["float32", "bfloat16", "float16", "auto"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Profile(Strict):
+    """How the shared draft drafts for one target (paper defaults: 0.5, 0.5, 0)."""
+
+    thresholds: list[float] = Field(default_factory=lambda: [0.5, 0.5, 0.0])
+    k_max: int = Field(5, ge=1, le=32)
+    stop_threshold: float = Field(0.0, ge=0.0, le=1.0)
+
+    @field_validator("thresholds")
+    @classmethod
+    def _finite(cls, v: list[float]) -> list[float]:
+        if not v or any(math.isnan(t) for t in v):
+            raise ValueError("thresholds must be a non-empty list of numbers")
+        return v
+
+
+class SamplingParams(Strict):
+    """Per request. temperature 0 is greedy."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = Field(0, ge=0)
+    seed: int | None = None
+    max_tokens: int = 64
+    stop: list[str] = Field(default_factory=list)
+    ignore_eos: bool = False
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v: float) -> float:
+        if math.isnan(v) or math.isinf(v) or v < 0:
+            raise ValueError("temperature must be a finite number >= 0")
+        return v
+
+    @field_validator("top_p")
+    @classmethod
+    def _top_p(cls, v: float) -> float:
+        if math.isnan(v) or not 0.0 < v <= 1.0:
+            raise ValueError("top_p must be in (0, 1]")
+        return v
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _max_tokens(cls, v: int) -> int:
+        if v <= 0:
+            raise ValueError("max_tokens must be > 0")
+        return v
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class ModelSpec(Strict):
+    path: str
+    device: str = "cpu"
+    devices: list[str] | None = None  # layer-wise placement over several devices (large targets)
+    dtype: Dtype = "auto"  # auto: float32 on CPU, bfloat16 on GPU
+    max_seqs: int = Field(8, ge=1)  # KV-cache slots
+    max_seq_len: int | None = Field(None, ge=8)  # default: min(model context, 2048)
+    trust_remote_code: bool = False
+
+    @property
+    def placement(self) -> list[str]:
+        return self.devices or [self.device]
+
+
+class DraftSpec(ModelSpec):
+    pass
+
+
+class TargetSpec(ModelSpec):
+    name: str
+    profile: Profile = Field(default_factory=Profile)
+    # Ray Serve knobs, read only by deployments/: replicas, GPUs per replica, autoscaling.
+    num_replicas: int = Field(1, ge=1)
+    num_gpus: float = Field(0.0, ge=0)
+    num_cpus: float = Field(0.0, ge=0)
+    autoscaling: dict | None = None
+
+
+class Limits(Strict):
+    max_prompt_tokens: int = Field(1536, ge=1)
+    max_new_tokens: int = Field(512, ge=1)
+    max_waiting: int = Field(256, ge=1)  # queued requests before the engine refuses (overload)
+
+
+class EngineConfig(Strict):
+    draft: DraftSpec
+    targets: list[TargetSpec]
+    limits: Limits = Field(default_factory=Limits)
+    base_dir: str | None = None  # relative model paths resolve against the YAML's folder
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "EngineConfig":
+        if not self.targets:
+            raise ValueError("targets: at least one target is required")
+        names = [t.name for t in self.targets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"targets: duplicate target names in {names}")
+        return self
+
+    def target(self, name: str) -> TargetSpec:
+        for t in self.targets:
+            if t.name == name:
+                return t
+        raise KeyError(f"unknown target {name!r}; known: {[t.name for t in self.targets]}")
+
+    def resolve(self, path: str) -> str:
+        p = Path(path).expanduser()
+        if not p.is_absolute() and self.base_dir:
+            p = Path(self.base_dir) / p
+        return str(p)
+
+    def on_device(self, device: str) -> "EngineConfig":
+        """The same config with every model on one device (CLI --device)."""
+        cfg = self.model_copy(deep=True)
+        for m in [cfg.draft, *cfg.targets]:
+            m.device, m.devices = device, None
+        return cfg
+
+
+def load_config(path: str | Path) -> EngineConfig:
+    """Read a YAML config; the special name 'demo' is the bundled demo family."""
+    if str(path) == "demo":
+        path = Path(__file__).parent / "demo" / "demo.yaml"
+    path = Path(path)
+    data = yaml.safe_load(path.read_text()) or {}
+    data.setdefault("base_dir", str(path.resolve().parent))
+    return EngineConfig.model_validate(data)

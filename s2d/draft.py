@@ -1,0 +1,103 @@
+"""The sorted draft: the first L layers of a source model with exits at chosen depths, every exit
+through the source's final norm and LM head. Saved as an ordinary Llama-family checkpoint whose
+config also records `s2d_exits` and `s2d_source`, so transformers loads it as its deepest exit."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from s2d.model import CausalLM, load_hf_config, load_safetensors_dir
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja", "added_tokens.json")
+
+
+def make_draft(source: str | Path, layers: int, exits: list[int], out: str | Path) -> Path:
+    """Cut a sorted draft from `source`: its embedding, first `layers` layers, final norm and head."""
+    cfg = json.loads((Path(source) / "config.json").read_text())
+    n = cfg["num_hidden_layers"]
+    exits = sorted(set(exits))
+    if not 1 <= layers <= n:
+        raise ValueError(f"layers: {layers} is outside 1..{n} (the source has {n} layers)")
+    if not exits or exits[0] < 1 or exits[-1] != layers:
+        raise ValueError(f"exits: {exits} must be depths in 1..{layers} whose last is the draft's depth {layers}")
+    state = load_safetensors_dir(source)
+    keep = {}
+    for k, v in state.items():
+        if k.startswith("model.layers."):
+            if int(k.split(".")[2]) >= layers:
+                continue
+        keep[k] = v.contiguous()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.update(num_hidden_layers=layers, s2d_exits=exits, s2d_source=str(Path(source).resolve()))
+    if "layer_types" in cfg:
+        cfg["layer_types"] = cfg["layer_types"][:layers]
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    if cfg.get("tie_word_embeddings"):
+        keep.pop("lm_head.weight", None)
+    save_file(keep, str(out / "model.safetensors"), metadata={"format": "pt"})
+    copy_tokenizer(source, out)
+    return out
+
+
+def copy_tokenizer(src, dst):
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).exists():
+            shutil.copy(Path(src) / name, Path(dst) / name)
+
+
+def read_exits(path: str | Path) -> list[int]:
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    return list(cfg.get("s2d_exits") or [cfg["num_hidden_layers"]])
+
+
+class SortedDraft:
+    """A CausalLM run segment by segment (segment s = layers exits[s-1]..exits[s]) with lazy KV fill.
+
+    Per slot and segment, `fill` counts positions whose KV that segment's layers hold; `hidden`
+    keeps, per position, the output of the deepest segment it has been through. A token that goes
+    deeper than its predecessors first runs the pending predecessors through that segment (from
+    their stored hidden state), so its logits equal a full forward of every layer."""
+
+    def __init__(self, lm: CausalLM, exits: list[int]):
+        self.lm, self.exits = lm, exits
+        self.bounds = list(zip([0, *exits[:-1]], exits))
+        self.fill = [[0] * len(exits) for _ in range(lm.n_slots)]
+        self.hidden = torch.zeros(lm.n_slots, lm.max_len, lm.cfg.hidden_size, dtype=lm.dtype, device=lm.last_device)
+
+    @classmethod
+    def from_pretrained(cls, path, **kw) -> "SortedDraft":
+        return cls(CausalLM.from_pretrained(path, **kw), read_exits(path))
+
+    def truncate(self, slot: int, n: int):
+        self.fill[slot] = [min(f, n) for f in self.fill[slot]]
+
+    def run_segment(self, s: int, slots: list[int], tokens: list[list[int]], ends: list[int]) -> torch.Tensor:
+        """Bring segment s up to position ends[b] (exclusive) for each slot; return the exit's
+        logits at each slot's last position [B, V]. `tokens` feeds segment 0."""
+        lm = self.lm
+        dev = lm.first_device
+        starts = [self.fill[sl][s] for sl in slots]
+        counts = [e - st for e, st in zip(ends, starts)]
+        batch = lm.batch(slots, starts, counts)
+        T = max(counts)
+        slot_idx = torch.tensor(slots, device=dev)[:, None].expand(-1, T)
+        pos_idx = batch.write_pos.clamp(max=lm.max_len - 1)
+        if s == 0:
+            rows = [t[st:e] + [0] * (T - (e - st)) for t, st, e in zip(tokens, starts, ends)]
+            h = lm.embed(torch.tensor(rows, device=dev))
+        else:
+            h = self.hidden[slot_idx, pos_idx]
+        lo, hi = self.bounds[s]
+        h = lm.run_layers(h, batch, lo, hi)
+        real = batch.write_pos < lm.max_len
+        self.hidden[slot_idx[real], pos_idx[real]] = h[real].to(self.hidden.device)
+        for sl, e in zip(slots, ends):
+            self.fill[sl][s] = e
+        last = h[torch.arange(len(slots)), batch.last.to(h.device)]
+        return lm.logits(last)

@@ -1,0 +1,270 @@
+"""Model runtime for Llama-family causal LMs (Llama 1/2/3, Vicuna, Mistral, Qwen2, SmolLM2), in
+the style of gpt-fast: our own forward over an explicit static KV cache.
+
+Module names mirror transformers' LlamaForCausalLM so a checkpoint's safetensors load as they are.
+One forward runs any number of sequences, each with its own slot, start position and count of new
+tokens (right-padded to a common T): prefill, decode and verification are the same call."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+
+from s2d.cache import KVCache
+
+SUPPORTED = {"llama", "mistral", "qwen2"}
+KEY_BUCKET = 64  # key lengths round up to this, so shapes repeat (compile/CUDA-graph friendly)
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        return torch.float32 if device == "cpu" else torch.bfloat16
+    return getattr(torch, name)
+
+
+def load_hf_config(path: str | Path, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if cfg.model_type not in SUPPORTED:
+        raise ValueError(f"{path}: model_type {cfg.model_type!r} is not supported (supported: {sorted(SUPPORTED)})")
+    return cfg
+
+
+def rope_inv_freq(cfg) -> tuple[torch.Tensor, float]:
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    params = getattr(cfg, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "default":
+        dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        base = params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+        return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
+    return ROPE_INIT_FUNCTIONS[rope_type](cfg, "cpu")
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+@dataclass
+class Batch:
+    """Where each row's new tokens go: row b holds counts[b] tokens at positions starts[b]..."""
+
+    slots: torch.Tensor  # [B]
+    pos: torch.Tensor  # [B, T] positions (padding rows continue counting)
+    write_pos: torch.Tensor  # [B, T] cache rows to write (padding -> scratch row)
+    mask: torch.Tensor  # [B, 1, T, n_keys]
+    n_keys: int
+    contiguous_from: int | None
+    counts: list[int]
+
+    @property
+    def last(self) -> torch.Tensor:  # index of each row's last real token
+        return torch.tensor([c - 1 for c in self.counts], device=self.pos.device)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        bias = getattr(cfg, "attention_bias", False) or cfg.model_type == "qwen2"
+        d = cfg.hidden_size
+        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=getattr(cfg, "attention_bias", False))
+
+    def forward(self, x, cos, sin, cache: KVCache, layer: int, b: Batch):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        cache.write(layer, b.slots, b.write_pos, k, v)
+        keys, values = cache.read(layer, b.slots, b.n_keys, b.contiguous_from)
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=b.mask, enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        bias = getattr(cfg, "mlp_bias", False)
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):  # same math as transformers: normalise in fp32, scale in the model dtype
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, cache, layer, b):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, b)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    """A Llama-family LM over a static KV cache with `n_slots` sequences of `max_len` tokens."""
+
+    def __init__(self, cfg, n_slots=8, max_len=None, dtype=torch.float32, devices=("cpu",)):
+        super().__init__()
+        self.cfg = cfg
+        self.model = Backbone(cfg)
+        self.tied = bool(getattr(cfg, "tie_word_embeddings", False))
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if self.tied:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.n_layers = cfg.num_hidden_layers
+        self.max_len = min(max_len or 2048, cfg.max_position_embeddings)
+        self.window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
+        with torch.device("cpu"):  # real values even when the module is built on the meta device
+            inv_freq, self.rope_scale = rope_inv_freq(cfg)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.n_slots, self.dtype = n_slots, dtype
+        # Layer-wise placement: layers split evenly over the devices, in order (pipeline in one process).
+        n = len(devices)
+        self.layer_devices = [devices[min(i * n // self.n_layers, n - 1)] for i in range(self.n_layers)]
+        self.first_device, self.last_device = devices[0], devices[-1]
+        self.cache: KVCache | None = None
+
+    # -- loading -------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path, n_slots=8, max_len=None, dtype="auto", devices=("cpu",), trust_remote_code=False):
+        cfg = load_hf_config(path, trust_remote_code)
+        torch_dtype = resolve_dtype(dtype, devices[0]) if isinstance(dtype, str) else dtype
+        with torch.device("meta"):
+            model = cls(cfg, n_slots, max_len, torch_dtype, tuple(devices))
+        model.load_weights(load_safetensors_dir(path))
+        return model
+
+    def load_weights(self, state: dict[str, torch.Tensor]):
+        if self.tied:
+            state.pop("lm_head.weight", None)
+        missing = set(self.state_dict().keys()) - set(state) - ({"lm_head.weight"} if self.tied else set())
+        unexpected = set(state) - set(self.state_dict().keys())
+        if missing or unexpected:
+            raise ValueError(f"checkpoint does not match the config: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+        self.load_state_dict(state, strict=False, assign=True)
+        if self.tied:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.inv_freq = rope_inv_freq(self.cfg)[0]
+        self.place()
+
+    def place(self):
+        """Move weights to their devices and dtype, and allocate the cache."""
+        self.model.embed_tokens.to(self.first_device, self.dtype)
+        for layer, dev in zip(self.model.layers, self.layer_devices):
+            layer.to(dev, self.dtype)
+        self.model.norm.to(self.last_device, self.dtype)
+        self.lm_head.to(self.last_device, self.dtype)
+        if self.tied and self.first_device != self.last_device:
+            self.lm_head.weight = nn.Parameter(self.model.embed_tokens.weight.to(self.last_device))
+        self.inv_freq = self.inv_freq.to(self.first_device)
+        self.eval().requires_grad_(False)
+        hd = getattr(self.cfg, "head_dim", None) or self.cfg.hidden_size // self.cfg.num_attention_heads
+        self.cache = KVCache(self.n_layers, self.n_slots, self.max_len, self.cfg.num_key_value_heads, hd, self.dtype, self.layer_devices)
+        return self
+
+    # -- forward -------------------------------------------------------------------------------
+    def batch(self, slots: list[int], starts: list[int], counts: list[int]) -> Batch:
+        """Describe a forward of counts[b] new tokens for slot slots[b] starting at starts[b]."""
+        dev = self.first_device
+        T = max(counts)
+        end = max(s + c for s, c in zip(starts, counts))
+        if end > self.max_len:
+            raise ValueError(f"sequence needs {end} positions, past the KV cache's {self.max_len}")
+        n_keys = min(-(-end // KEY_BUCKET) * KEY_BUCKET, self.max_len + 1)
+        st = torch.tensor(starts, device=dev)
+        pos = st[:, None] + torch.arange(T, device=dev)
+        real = torch.arange(T, device=dev)[None, :] < torch.tensor(counts, device=dev)[:, None]
+        write_pos = torch.where(real, pos, torch.full_like(pos, self.max_len))
+        keys = torch.arange(n_keys, device=dev)
+        mask = keys[None, None, :] <= pos[:, :, None]
+        if self.window:
+            mask &= keys[None, None, :] > pos[:, :, None] - self.window
+        contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
+        return Batch(torch.tensor(slots, device=dev), pos.clamp(max=self.max_len - 1), write_pos,
+                     mask[:, None], n_keys, slots[0] if contiguous else None, counts)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(tokens.to(self.first_device))
+
+    def run_layers(self, h: torch.Tensor, b: Batch, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        freqs = b.pos[..., None].float() * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        rope = {}
+        for i in range(start, self.n_layers if stop is None else stop):
+            dev = self.layer_devices[i]
+            if dev not in rope:
+                e = emb.to(dev)
+                rope[dev] = ((e.cos() * self.rope_scale).to(self.dtype)[:, None], (e.sin() * self.rope_scale).to(self.dtype)[:, None])
+                b_dev = b if dev == self.first_device else _batch_to(b, dev)
+            h = self.model.layers[i](h.to(dev), *rope[dev], self.cache, i, b_dev)
+        return h
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        h = h.to(self.last_device)
+        return self.lm_head(self.model.norm(h)).float()
+
+    def forward(self, tokens: torch.Tensor, b: Batch) -> torch.Tensor:
+        """All logits [B, T, V] of a batch (tests and training-free uses)."""
+        return self.logits(self.run_layers(self.embed(tokens), b))
+
+
+def _batch_to(b: Batch, dev) -> Batch:
+    return Batch(b.slots.to(dev), b.pos.to(dev), b.write_pos.to(dev), b.mask.to(dev), b.n_keys, b.contiguous_from, b.counts)
+
+
+def load_safetensors_dir(path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint folder (single file or sharded); safetensors only."""
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no *.safetensors files (only safetensors checkpoints are loaded)")
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
+    state = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    return state
+
+
+def pad_tokens(rows: list[list[int]], device) -> torch.Tensor:
+    T = max(len(r) for r in rows)
+    return torch.tensor([r + [0] * (T - len(r)) for r in rows], device=device)

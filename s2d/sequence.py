@@ -1,0 +1,174 @@
+"""One request's token state and the rules of a round: how many tokens to draft, what to send
+to the verifier, how accepted tokens end a request (EOS, stop strings, max_tokens). Shared by the
+in-process engine and the Ray router, so both decode exactly alike."""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+
+from s2d.config import Profile, SamplingParams
+from s2d.metrics import SpecStats
+from s2d.workers import ProposeItem, Proposal, Verdict, VerifyItem
+
+
+class RequestError(ValueError):
+    """Bad input; `field` names the offending request field."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class UnknownTarget(RequestError):
+    pass
+
+
+class Overloaded(RuntimeError):
+    pass
+
+
+@dataclass
+class Request:
+    target: str
+    prompt: str | None = None
+    messages: list[dict] | None = None
+    params: SamplingParams = field(default_factory=SamplingParams)
+    mode: str = "s2d"  # s2d | ar | fixed:E (E an exit depth of the draft)
+    raw: bool = False  # skip the chat template for `prompt`
+    request_id: str | None = None
+
+
+@dataclass
+class DraftPlan:
+    """What the proposer does for a request: derived from the mode and the target's profile."""
+
+    thresholds: list[float]
+    k_max: int
+    stop_threshold: float
+
+    @classmethod
+    def for_mode(cls, mode: str, profile: Profile, exits: list[int]) -> "DraftPlan":
+        if mode == "s2d":
+            if len(profile.thresholds) != len(exits):
+                raise RequestError("profile.thresholds", f"{len(profile.thresholds)} thresholds for {len(exits)} exits {exits}")
+            return cls(list(profile.thresholds), profile.k_max, profile.stop_threshold)
+        if mode == "ar":
+            return cls([0.0] * len(exits), 0, 0.0)
+        if mode.startswith("fixed:"):
+            try:
+                depth = int(mode.split(":", 1)[1])
+                at = exits.index(depth)
+            except ValueError:
+                raise RequestError("mode", f"{mode!r}: the draft's exits are {exits}") from None
+            # never emit before exit `at`, always emit there
+            return cls([2.0] * at + [-1.0] * (len(exits) - at), profile.k_max, 0.0)
+        raise RequestError("mode", f"{mode!r} is not one of s2d, ar, fixed:E")
+
+
+def encode_prompt(tokenizer, prompt: str | None, messages: list[dict] | None, raw: bool) -> list[int]:
+    """Chat messages through the chat template; a plain prompt is the user turn where the tokenizer
+    has a template (unless raw), else tokenized as plain text."""
+    if messages:
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not m.get("role") or not isinstance(m.get("content"), str):
+                raise RequestError("messages", f"message {i} needs a role and a string content")
+        if not getattr(tokenizer, "chat_template", None):
+            raise RequestError("messages", "this model's tokenizer has no chat template")
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+    if not prompt:
+        raise RequestError("prompt", "empty prompt")
+    if getattr(tokenizer, "chat_template", None) and not raw:
+        msgs = [{"role": "user", "content": prompt}]
+        return list(tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False))
+    return list(tokenizer(prompt)["input_ids"])
+
+
+def eos_ids(tokenizer, model_dir: str | None = None) -> set[int]:
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    if model_dir:
+        try:
+            from transformers import GenerationConfig
+
+            e = GenerationConfig.from_pretrained(model_dir).eos_token_id
+            ids.update(e if isinstance(e, list) else [] if e is None else [e])
+        except OSError:
+            pass
+    return ids
+
+
+@dataclass
+class Delta:
+    """What one round added to a request: streamed to its client."""
+
+    seq_id: str
+    token_ids: list[int]
+    text: str
+    finished: bool = False
+    finish_reason: str | None = None
+
+
+class Sequence:
+    def __init__(self, seq_id: str, target: str, prompt_ids: list[int], params: SamplingParams,
+                 plan: DraftPlan, tokenizer, eos: set[int], context: int):
+        self.seq_id, self.target, self.params, self.plan = seq_id, target, params, plan
+        self.prompt_ids = prompt_ids
+        self.out: list[int] = []
+        self.tokenizer, self.eos = tokenizer, set() if params.ignore_eos else eos
+        self.context = context  # positions the caches hold
+        self.seed = params.seed if params.seed is not None else random.getrandbits(62)
+        self.round = 0
+        self.stats = SpecStats()
+        self.text, self.sent = "", 0
+        self.finished, self.finish_reason = False, None
+        self.t0 = time.perf_counter()
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt_ids + self.out
+
+    def propose_item(self) -> ProposeItem:
+        remaining = self.params.max_tokens - len(self.out)
+        room = self.context - len(self.tokens) - 1
+        k = max(0, min(self.plan.k_max, remaining - 1, room))
+        return ProposeItem(self.seq_id, self.tokens, k, self.plan.thresholds, self.plan.stop_threshold,
+                           self.params, self.seed * 1_000_003 + 2 * self.round)
+
+    def verify_item(self, proposal: Proposal) -> VerifyItem:
+        return VerifyItem(self.seq_id, self.tokens, proposal.drafts, proposal.q, self.params,
+                          self.seed * 1_000_003 + 2 * self.round + 1)
+
+    def accept(self, proposal: Proposal, verdict: Verdict) -> Delta:
+        self.round += 1
+        self.stats.record(len(proposal.drafts), verdict.accepted, len(verdict.tokens), proposal.exits)
+        new = []
+        for t in verdict.tokens:
+            new.append(t)
+            self.out.append(t)
+            if t in self.eos:
+                self._finish("stop")
+                break
+            if len(self.out) >= self.params.max_tokens:
+                self._finish("length")
+                break
+        self.text = self.tokenizer.decode(self.out, skip_special_tokens=True)
+        for stop in self.params.stop:
+            at = self.text.find(stop, max(0, self.sent - len(stop)))
+            if at >= 0:
+                self.text = self.text[:at]
+                self._finish("stop")
+        end = len(self.text) if self.finished or not self.text.endswith("\ufffd") else len(self.text) - 1
+        delta, self.sent = self.text[self.sent:end], max(self.sent, end)
+        return Delta(self.seq_id, new, delta, self.finished, self.finish_reason)
+
+    def _finish(self, reason: str):
+        if not self.finished:
+            self.finished, self.finish_reason = True, reason
+            self.stats.wall_s = time.perf_counter() - self.t0
+
+    def result(self) -> dict:
+        return {"text": self.text, "token_ids": list(self.out), "finish_reason": self.finish_reason,
+                "usage": {"prompt_tokens": len(self.prompt_ids), "completion_tokens": len(self.out)},
+                "stats": self.stats.to_dict()}

@@ -1,0 +1,153 @@
+"""The two halves of a speculative step as stateful workers over a model's KV cache: the proposer
+(shared sorted draft, adaptive exits) and the verifier (one target, rejection sampling).
+
+Callers send each sequence's full token list; a worker reuses its cache up to the common prefix
+and prefills the rest. So the caller's token state is the only truth, rollback is implicit, and a
+worker that lost a sequence (restart, another replica) rebuilds it. The in-process engine and the
+Ray deployments call the same two methods."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from s2d.cache import SlotTable
+from s2d.config import SamplingParams
+from s2d.draft import SortedDraft
+from s2d.model import CausalLM, pad_tokens
+from s2d.rejection import verify_greedy, verify_sampled
+from s2d.sampling import generator, probs_from_logits, sample
+
+
+@dataclass
+class ProposeItem:
+    seq_id: str
+    tokens: list[int]
+    k: int  # most tokens to draft
+    thresholds: list[float]  # one per exit; the last exit always emits
+    stop_threshold: float
+    params: SamplingParams
+    seed: int
+
+
+@dataclass
+class Proposal:
+    drafts: list[int] = field(default_factory=list)
+    exits: list[int] = field(default_factory=list)  # exit depth (layers) of each drafted token
+    q: torch.Tensor | None = None  # [k, V] the probabilities each draft was sampled from (sampling only)
+
+
+@dataclass
+class VerifyItem:
+    seq_id: str
+    tokens: list[int]
+    drafts: list[int]
+    q: torch.Tensor | None
+    params: SamplingParams
+    seed: int
+
+
+@dataclass
+class Verdict:
+    tokens: list[int]  # accepted drafts, then one token of the target's
+    accepted: int
+
+
+class Worker:
+    def __init__(self, n_slots: int):
+        self.table = SlotTable(n_slots)
+
+    def release(self, seq_id: str) -> bool:
+        return self.table.release(seq_id)
+
+    def _sync(self, items, truncate) -> tuple[list[int], list[int]]:
+        """Slot and reusable cached length of each item."""
+        slots, common = [], []
+        for it in items:
+            slots.append(self.table.acquire(it.seq_id))
+            common.append(self.table.common_prefix(it.seq_id, it.tokens))
+            truncate(slots[-1], common[-1])
+        return slots, common
+
+    @property
+    def held(self) -> int:
+        return len(self.table)
+
+
+class Proposer(Worker):
+    def __init__(self, draft: SortedDraft):
+        super().__init__(draft.lm.n_slots)
+        self.draft = draft
+        self.exits = draft.exits
+        self.batch_sizes: list[int] = []  # sizes of propose batches served (for stats)
+
+    @torch.inference_mode()
+    def propose(self, items: list[ProposeItem]) -> list[Proposal]:
+        slots, _ = self._sync(items, self.draft.truncate)
+        work = [list(it.tokens) for it in items]
+        out = [Proposal() for _ in items]
+        qs: list[list[torch.Tensor]] = [[] for _ in items]
+        gens = [None if it.params.greedy else generator(it.seed) for it in items]
+        active = [i for i, it in enumerate(items) if it.k > 0]
+        self.batch_sizes.append(len(active))
+        last = len(self.exits) - 1
+        while active:
+            pending, emitted = active, {}
+            for s in range(len(self.exits)):
+                logits = self.draft.run_segment(s, [slots[i] for i in pending], [work[i] for i in pending],
+                                                [len(work[i]) for i in pending])
+                conf = torch.softmax(logits, -1).max(-1).values.tolist()
+                for j, i in enumerate(pending):
+                    if s == last or conf[j] >= items[i].thresholds[s]:
+                        emitted[i] = (s, logits[j], conf[j])
+                pending = [i for i in pending if i not in emitted]
+                if not pending:
+                    break
+            for i in active:
+                s, logits, conf = emitted[i]
+                if gens[i] is None:
+                    tok = int(logits.argmax())
+                else:
+                    q = probs_from_logits(logits, items[i].params)
+                    tok = sample(q, gens[i])
+                    qs[i].append(q)
+                work[i].append(tok)
+                out[i].drafts.append(tok)
+                out[i].exits.append(self.exits[s])
+                emitted[i] = conf
+            active = [i for i in active if len(out[i].drafts) < items[i].k and emitted[i] >= items[i].stop_threshold]
+        for i, it in enumerate(items):
+            self.table.tokens[it.seq_id] = work[i][: self.draft.fill[slots[i]][0]]
+            if qs[i]:
+                out[i].q = torch.stack(qs[i])
+        return out
+
+
+class Verifier(Worker):
+    def __init__(self, lm: CausalLM):
+        super().__init__(lm.n_slots)
+        self.lm = lm
+        self.batch_sizes: list[int] = []
+
+    @torch.inference_mode()
+    def verify(self, items: list[VerifyItem]) -> list[Verdict]:
+        lm = self.lm
+        slots, common = self._sync(items, lambda slot, n: None)
+        rows = [it.tokens[c:] + it.drafts for it, c in zip(items, common)]
+        batch = lm.batch(slots, common, [len(r) for r in rows])
+        self.batch_sizes.append(len(items))
+        h = lm.run_layers(lm.embed(pad_tokens(rows, lm.first_device)), batch)
+        # logits only where they are needed: the last k+1 positions of each row
+        b_idx = torch.cat([torch.full((len(it.drafts) + 1,), b) for b, it in enumerate(items)])
+        t_idx = torch.cat([torch.arange(len(r) - len(it.drafts) - 1, len(r)) for r, it in zip(rows, items)])
+        logits = lm.logits(h[b_idx.to(h.device), t_idx.to(h.device)]).split([len(it.drafts) + 1 for it in items])
+        verdicts = []
+        for it, lg in zip(items, logits):
+            if it.params.greedy:
+                toks = verify_greedy(it.drafts, lg)
+            else:
+                toks = verify_sampled(it.drafts, it.q, probs_from_logits(lg, it.params), generator(it.seed))
+            accepted = len(toks) - 1
+            self.table.tokens[it.seq_id] = (it.tokens + it.drafts)[: len(it.tokens) + accepted]
+            verdicts.append(Verdict(toks, accepted))
+        return verdicts
