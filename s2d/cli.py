@@ -1,0 +1,127 @@
+"""The `s2d` command line."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+
+
+def _sampling_flags(p: argparse.ArgumentParser):
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--mode", default="s2d", help="s2d | ar | fixed:E")
+
+
+def _config_from_args(a):
+    from s2d.config import EngineConfig, load_config
+
+    if a.config:
+        cfg = load_config(a.config)
+    elif a.target_path and a.draft_path:
+        cfg = EngineConfig.model_validate({"draft": {"path": a.draft_path},
+                                           "targets": [{"name": a.target or "target", "path": a.target_path}]})
+        a.target = a.target or "target"
+    else:
+        raise SystemExit("give --config FILE, or --target-path DIR and --draft-path DIR")
+    return cfg.on_device(a.device) if a.device else cfg
+
+
+def cmd_generate(a):
+    from pydantic import ValidationError
+
+    from s2d.config import SamplingParams
+    from s2d.engine import Engine, Request
+    from s2d.sequence import RequestError
+
+    cfg = _config_from_args(a)
+    try:
+        params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+                                seed=a.seed, stop=a.stop)
+    except ValidationError as e:
+        raise SystemExit(f"error: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}")
+    engine = Engine.from_config(cfg)
+    try:
+        req = Request(target=a.target, prompt=a.prompt, params=params, mode=a.mode, raw=a.raw)
+        for delta in engine.stream(req):
+            if not a.json:
+                print(delta.text, end="", flush=True)
+    except RequestError as e:
+        raise SystemExit(f"error: {e}")
+    result = engine.last_result
+    if a.json:
+        print(json.dumps(result))
+    else:
+        s = result["stats"]
+        print(f"\n[{result['finish_reason']}] {len(result['token_ids'])} tokens, MAT {s['mat']:.2f}, "
+              f"exits {s['exit_histogram']}", file=sys.stderr)
+
+
+def cmd_make_draft(a):
+    from s2d.draft import make_draft
+
+    out = make_draft(a.from_, a.layers, [int(e) for e in a.exits.split(",")], a.out)
+    print(f"sorted draft written to {out}")
+
+
+def cmd_convert_gguf(a):
+    from s2d.convert import convert_gguf
+
+    print(f"checkpoint written to {convert_gguf(a.gguf, a.out, a.dtype)}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="s2d", description="Sorted speculative decoding: one draft for a family of targets.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    g = sub.add_parser("generate", help="generate text with S2D (or a baseline mode)")
+    g.add_argument("--config", help="engine YAML config ('demo' for the bundled family)")
+    g.add_argument("--target", help="target name in the config")
+    g.add_argument("--target-path", help="one-off: target checkpoint folder")
+    g.add_argument("--draft-path", help="one-off: sorted draft folder")
+    g.add_argument("--device", help="put every model on this device (e.g. cuda:0)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    g.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    _sampling_flags(g)
+    g.set_defaults(fn=cmd_generate)
+
+    m = sub.add_parser("make-draft", help="cut a sorted draft from a source checkpoint")
+    m.add_argument("--from", dest="from_", required=True)
+    m.add_argument("--layers", type=int, required=True)
+    m.add_argument("--exits", required=True, help="comma-separated exit depths, e.g. 6,9,12")
+    m.add_argument("--out", required=True)
+    m.set_defaults(fn=cmd_make_draft)
+
+    c = sub.add_parser("convert-gguf", help="GGUF -> safetensors checkpoint (default: SmolLM2-135M-Instruct)")
+    c.add_argument("--gguf", default=None)
+    c.add_argument("--out", required=True)
+    c.add_argument("--dtype", default="float32")
+    c.set_defaults(fn=cmd_convert_gguf)
+
+    for extra in _extensions():
+        extra(sub)
+    a = p.parse_args(argv)
+    a.fn(a)
+
+
+def _extensions():
+    """Subcommands defined next to what they run (training, demo, bench, client)."""
+    import importlib
+
+    out = []
+    for mod in ("s2d.train", "s2d.demo", "s2d.bench", "s2d.tune", "s2d.client"):
+        try:
+            out.append(importlib.import_module(mod).add_cli)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+    return out
+
+
+if __name__ == "__main__":
+    main()

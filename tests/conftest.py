@@ -1,0 +1,65 @@
+"""Real checkpoints the tests build: a BPE tokenizer trained on stdlib source, two random targets of
+different families sharing it, sorted drafts cut from the smaller one, and SmolLM2-135M-Instruct."""
+from __future__ import annotations
+
+import os
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+from s2d.config import EngineConfig
+from s2d.draft import make_draft
+from s2d.tiny import llama_config, save_random_model, train_tokenizer
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_texts(pattern: str = "json/*.py") -> list[str]:
+    return [p.read_text(errors="ignore") for p in sorted(STDLIB.glob(pattern))]
+
+
+@pytest.fixture(scope="session")
+def family(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("family")
+    train_tokenizer(stdlib_texts(), 512, d / "tok")
+    # init_std 0.1: peaked distributions, so argmax ties are rare and drafts get rejected for real
+    save_random_model(llama_config(512, 4, 64), d / "small", 0, d / "tok", init_std=0.1)
+    save_random_model(llama_config(512, 6, 96, kv_heads=2), d / "large", 1, d / "tok", init_std=0.1)
+    save_random_model(llama_config(512, 3, 64), d / "other", 2, d / "tok", init_std=0.1)
+    make_draft(d / "small", 3, [1, 2, 3], d / "draft")
+    make_draft(d / "small", 4, [2, 4], d / "full-draft")  # as deep as its target: full acceptance
+    make_draft(d / "other", 3, [1, 3], d / "untrained-draft")  # unrelated weights: low acceptance
+    return {p.name: p for p in d.iterdir()}
+
+
+def make_config(family, draft="draft", targets=("small", "large"), **target_kw) -> EngineConfig:
+    return EngineConfig.model_validate({
+        "draft": {"path": str(family[draft]), "max_seqs": 8, "max_seq_len": 256},
+        "targets": [{"name": t, "path": str(family[t]), "max_seqs": 8, "max_seq_len": 256, **target_kw} for t in targets],
+    })
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory) -> Path:
+    from s2d.convert import convert_gguf
+
+    return convert_gguf(None, tmp_path_factory.mktemp("smollm2") / "smollm2")
+
+
+PROMPTS = [
+    "def ", "import json", "class JSONDecoder(object):", "    return", "x = [1, 2, 3]\n", "if __name__ == '__main__':",
+    "\"\"\"Docstring.\"\"\"", "for i in range(10):", "try:\n    pass\nexcept", "raise ValueError(", "self.", "# comment",
+    "print('hello')", "while True:", "with open(f) as fh:", "lambda x: x", "from . import", "yield from",
+    "assert x == y", "del d[k]", "global _default", "async def main():", "await", "@property", "elif s[0] == 'n':",
+    "else:", "return obj", "import re", "s = ''", "n += 1", "def encode(o):", "def decode(s):", "JSON", "{}", "[]",
+    "None", "True and False", "'\\n'.join(lines)", "sorted(d.items())", "isinstance(o, dict)", "float('nan')",
+    "chunks = []", "_one_shot=True", "end = s.find", "c = s[end]", "u = uni", "kw['cls']", "object_hook",
+    "parse_float", "indent=4",
+]
+assert len(PROMPTS) >= 50

@@ -1,0 +1,106 @@
+"""Engine behaviour a serving user relies on: clear errors, other requests unharmed, streaming,
+stop strings, stats, the CLI."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from s2d.config import EngineConfig, SamplingParams, load_config
+from s2d.engine import Engine, Request, greedy
+from s2d.sequence import RequestError, UnknownTarget
+
+from conftest import make_config
+
+
+@pytest.fixture(scope="module")
+def engine(family):
+    return Engine.from_config(make_config(family))
+
+
+@pytest.mark.parametrize("kw,field", [
+    (dict(temperature=-0.5), "temperature"), (dict(temperature=math.nan), "temperature"),
+    (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(max_tokens=0), "max_tokens"),
+    (dict(top_k=-1), "top_k"),
+])
+def test_bad_sampling_params_name_the_field(kw, field):
+    with pytest.raises(ValidationError) as e:
+        SamplingParams(**kw)
+    assert e.value.errors()[0]["loc"] == (field,)
+
+
+def test_bad_requests_fail_alone_while_others_complete(engine):
+    good = Request(target="small", prompt="def foo(x):", params=greedy(24, ignore_eos=True))
+    expected = engine.generate([good])[0]["token_ids"]
+    sid = engine.add_request(good)
+    engine.step()  # the good request is mid-flight while bad ones arrive
+    bad = [
+        (Request(target="small", prompt=""), "prompt"),
+        (Request(target="nope", prompt="x"), "target"),
+        (Request(target="small", prompt="x", params=greedy(10_000)), "max_tokens"),
+        (Request(target="small", prompt="x", params=greedy(256)), "max_tokens"),  # past the 256-token context
+        (Request(target="small", prompt=" ".join(map(str, range(400)))), "prompt"),  # longer than the context
+        (Request(target="small", prompt="x", mode="fixed:7"), "mode"),
+        (Request(target="small", prompt="x", mode="medusa"), "mode"),
+    ]
+    for req, field in bad:
+        with pytest.raises(RequestError) as e:
+            engine.add_request(req)
+        assert e.value.field == field, str(e.value)
+    with pytest.raises(UnknownTarget):
+        engine.add_request(Request(target="nope", prompt="x"))
+    seq = engine.running[sid]
+    while not seq.finished:
+        engine.step()
+    assert seq.out == expected and not engine.has_work
+
+
+def test_streaming_gives_the_same_text_as_unary(engine):
+    req = Request(target="large", prompt="import json", params=greedy(30, ignore_eos=True))
+    unary = engine.generate([req])[0]
+    chunks = list(engine.stream(req))
+    assert "".join(c.text for c in chunks) == unary["text"]
+    assert sum((c.token_ids for c in chunks), []) == unary["token_ids"]
+    assert chunks[-1].finished and chunks[-1].finish_reason == "length"
+
+
+def test_stop_string_ends_the_text(engine):
+    req = Request(target="small", prompt="class A", params=greedy(40, ignore_eos=True))
+    full = engine.generate([req])[0]["text"]
+    stop = full[5:8]
+    res = engine.generate([Request(target="small", prompt="class A", params=greedy(40, stop=[stop], ignore_eos=True))])[0]
+    assert res["finish_reason"] == "stop" and res["text"] == full[: full.find(stop)]
+
+
+def test_stats_count_what_happened(engine):
+    res = engine.generate([Request(target="small", prompt="for i in range(10):", params=greedy(32, ignore_eos=True))])[0]
+    s = res["stats"]
+    assert s["mat"] == pytest.approx(32 / s["target_forwards"], rel=0.2)
+    assert sum(s["exit_histogram"].values()) == s["drafted"] and s["accepted"] <= s["drafted"]
+    assert len(s["acceptance_per_position"]) <= 5
+
+
+def test_config_errors_name_the_field(tmp_path, family):
+    bad = {"draft": {"path": str(family["draft"])}, "targets": [{"name": "a", "path": "x", "profile": {"k_max": 0}}]}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(bad))
+    with pytest.raises(ValidationError, match="targets.0.profile.k_max"):
+        load_config(tmp_path / "c.yaml")
+    with pytest.raises(ValidationError, match="duplicate"):
+        EngineConfig.model_validate({"draft": {"path": "d"}, "targets": [{"name": "a", "path": "x"}] * 2})
+    with pytest.raises(RequestError, match="thresholds"):  # 2 thresholds for a 3-exit draft
+        Engine.from_config(make_config(family, targets=("small",), profile={"thresholds": [0.5, 0.0]}))
+
+
+def test_cli_generate_json_s2d_equals_ar(family):
+    args = [sys.executable, "-m", "s2d.cli", "generate", "--target-path", str(family["large"]), "--draft-path",
+            str(family["draft"]), "--prompt", "def encode(o):", "--max-tokens", "20", "--json"]
+    runs = {m: json.loads(subprocess.run(args + ["--mode", m], capture_output=True, text=True, check=True)
+                          .stdout.strip().splitlines()[-1]) for m in ("s2d", "ar")}
+    assert runs["s2d"]["token_ids"] == runs["ar"]["token_ids"] and runs["s2d"]["text"] == runs["ar"]["text"]
+    assert runs["s2d"]["stats"]["exit_histogram"] and runs["ar"]["stats"]["drafted"] == 0
+    assert set(runs["s2d"]) >= {"text", "token_ids", "finish_reason", "stats"} and "mat" in runs["s2d"]["stats"]

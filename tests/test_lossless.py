@@ -1,0 +1,158 @@
+"""Speculative decoding must not change what the target says."""
+from __future__ import annotations
+
+import pytest
+import torch
+from scipy.stats import chisquare
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import s2d.workers
+from s2d.config import SamplingParams
+from s2d.draft import SortedDraft
+from s2d.engine import Engine, Request, greedy
+from s2d.model import CausalLM
+from s2d.rejection import verify_sampled
+from s2d.sampling import sample
+from s2d.tiny import llama_config, save_random_model
+from s2d.workers import ProposeItem, Proposer, Verifier, VerifyItem
+
+from conftest import PROMPTS, make_config
+
+N_NEW = 16
+
+
+@pytest.fixture(scope="session")
+def hf_greedy(family):
+    """transformers' own greedy continuation of every prompt, per target."""
+    tok = AutoTokenizer.from_pretrained(str(family["tok"]))
+    out = {}
+    for t in ("small", "large"):
+        ref = AutoModelForCausalLM.from_pretrained(str(family[t])).eval()
+        for p in PROMPTS:
+            ids = tok(p, return_tensors="pt").input_ids
+            gen = ref.generate(ids, do_sample=False, max_new_tokens=N_NEW, min_new_tokens=N_NEW, pad_token_id=0)
+            out[t, p] = gen[0, ids.shape[1]:].tolist()
+    return out
+
+
+@pytest.fixture(scope="module")
+def engine(family):
+    return Engine.from_config(make_config(family))
+
+
+def requests(mode, targets=("small", "large"), prompts=PROMPTS):
+    return [Request(target=t, prompt=p, params=greedy(N_NEW, ignore_eos=True), mode=mode) for p in prompts for t in targets]
+
+
+@pytest.mark.parametrize("mode", ["s2d", "fixed:1", "fixed:2", "fixed:3", "ar"])
+def test_greedy_equals_target_batched_two_targets(engine, hf_greedy, mode):
+    reqs = requests(mode)  # 100 requests, 8 at a time, prompts of different lengths, both targets interleaved
+    for r, res in zip(reqs, engine.generate(reqs)):
+        assert res["token_ids"] == hf_greedy[r.target, r.prompt], (mode, r.target, r.prompt)
+
+
+def test_greedy_equals_target_batch_one(engine, hf_greedy):
+    for r in requests("s2d", prompts=PROMPTS[:12]):
+        assert engine.generate([r])[0]["token_ids"] == hf_greedy[r.target, r.prompt]
+
+
+@pytest.mark.parametrize("draft,expect", [("untrained-draft", "low"), ("full-draft", "full")])
+def test_greedy_equals_target_with_extreme_drafts(family, hf_greedy, draft, expect):
+    eng = Engine.from_config(make_config(family, draft=draft, targets=("small",),
+                                         profile={"thresholds": [0.5, 0.0], "k_max": 4}))
+    reqs = requests("s2d", targets=("small",))
+    results = eng.generate(reqs)
+    for r, res in zip(reqs, results):
+        assert res["token_ids"] == hf_greedy[r.target, r.prompt]
+    drafted = sum(r["stats"]["drafted"] for r in results)
+    accepted = sum(r["stats"]["accepted"] for r in results)
+    if expect == "full":
+        full = eng.generate(requests("fixed:4", targets=("small",)))
+        assert sum(r["stats"]["accepted"] for r in full) == sum(r["stats"]["drafted"] for r in full) > 0
+    else:
+        assert accepted < 0.5 * drafted
+
+
+# -- sampling ------------------------------------------------------------------------------------
+V = 8
+
+
+@pytest.fixture(scope="module")
+def tiny_vocab(tmp_path_factory):
+    d = tmp_path_factory.mktemp("v8")
+    save_random_model(llama_config(V, 2, 32, max_pos=64), d / "target", 5, init_std=0.5)
+    save_random_model(llama_config(V, 2, 32, max_pos=64), d / "draft-src", 6, init_std=0.5)
+    from s2d.draft import make_draft
+
+    make_draft(d / "draft-src", 2, [1, 2], d / "draft")
+    return d
+
+
+def first_two_tokens(tiny_vocab, n, params, thresholds):
+    """Sample n (x1, x2) pairs with speculative decoding, 64 sequences per call."""
+    prop = Proposer(SortedDraft.from_pretrained(tiny_vocab / "draft", n_slots=64, max_len=32))
+    ver = Verifier(CausalLM.from_pretrained(tiny_vocab / "target", n_slots=64, max_len=32))
+    prompt, pairs = [1, 3, 5], []
+    for call in range(n // 64):
+        ids = [f"{call}-{i}" for i in range(64)]
+        seeds = [call * 64 + i for i in range(64)]
+        props = prop.propose([ProposeItem(s, prompt, 3, thresholds, 0.0, params, 2 * x) for s, x in zip(ids, seeds)])
+        verdicts = ver.verify([VerifyItem(s, prompt, p.drafts, p.q, params, 2 * x + 1)
+                               for s, p, x in zip(ids, props, seeds)])
+        for s, v in zip(ids, verdicts):
+            toks = v.tokens
+            if len(toks) < 2:  # one token emitted: draw the second with plain target sampling
+                toks = toks + ver.verify([VerifyItem(s, prompt + toks, [], None, params, hash(s) % 2**31)])[0].tokens
+            pairs.append((toks[0], toks[1]))
+            prop.release(s)
+            ver.release(s)
+    return pairs
+
+
+def target_joint(tiny_vocab, params):
+    from s2d.sampling import probs_from_logits
+
+    ref = AutoModelForCausalLM.from_pretrained(str(tiny_vocab / "target")).eval()
+    with torch.no_grad():
+        p1 = probs_from_logits(ref(torch.tensor([[1, 3, 5]])).logits[0, -1], params)
+        p2 = torch.stack([probs_from_logits(ref(torch.tensor([[1, 3, 5, a]])).logits[0, -1], params) for a in range(V)])
+    return (p1[:, None] * p2).flatten()
+
+
+def chi2_pvalue(pairs, joint):
+    counts = torch.zeros(V * V)
+    for a, b in pairs:
+        counts[a * V + b] += 1
+    expected = joint * len(pairs)
+    keep = expected > 5  # pool rare cells so the chi-square approximation holds
+    obs = torch.cat([counts[keep], counts[~keep].sum()[None]])
+    exp = torch.cat([expected[keep], expected[~keep].sum()[None]])
+    if exp[-1] == 0:
+        obs, exp = obs[:-1], exp[:-1]
+    return chisquare(obs.numpy(), exp.numpy() * obs.sum().item() / exp.sum().item()).pvalue
+
+
+SIGNIFICANCE = 1e-3
+N_SAMPLES = 64 * 60
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_k=5, top_p=0.9)])
+def test_sampled_output_follows_target_distribution(tiny_vocab, params):
+    pairs = first_two_tokens(tiny_vocab, N_SAMPLES, params, [0.6, 0.0])
+    assert chi2_pvalue(pairs, target_joint(tiny_vocab, params)) > SIGNIFICANCE
+
+
+def no_residual(drafts, q, p, gen):
+    """A wrong rule: at a rejection, resample from p instead of norm(max(0, p - q))."""
+    toks = verify_sampled(drafts, q, p, gen)
+    n = len(toks) - 1
+    if n < len(drafts):
+        toks[-1] = sample(p[n], gen)
+    return toks
+
+
+def test_distribution_check_catches_a_wrong_rule(tiny_vocab, monkeypatch):
+    params = SamplingParams(temperature=1.0)
+    monkeypatch.setattr(s2d.workers, "verify_sampled", no_residual)
+    pairs = first_two_tokens(tiny_vocab, N_SAMPLES, params, [0.6, 0.0])
+    assert chi2_pvalue(pairs, target_joint(tiny_vocab, params)) < SIGNIFICANCE
