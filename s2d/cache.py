@@ -31,25 +31,30 @@ class KVCache:
         return self.k[layer][slots, :, :n_keys], self.v[layer][slots, :, :n_keys]
 
 
-class NoFreeSlot(RuntimeError):
-    """Every KV-cache slot is taken: the caller should queue or refuse (overload)."""
-
-
 class SlotTable:
     """Maps sequence ids to cache slots and remembers which tokens each slot holds, so a caller
     that sends a sequence's full token list gets its cache reused up to the common prefix (and
     rebuilt by prefill where it was lost)."""
 
     def __init__(self, n_slots: int):
+        self.n_slots = n_slots
         self.free = list(range(n_slots - 1, -1, -1))
-        self.slot: dict[str, int] = {}
+        self.slot: dict[str, int] = {}  # insertion order = least recently used first
         self.tokens: dict[str, list[int]] = {}
+        self.evicted = 0
 
-    def acquire(self, seq_id: str) -> int:
+    def acquire(self, seq_id: str, pinned: set[str] = frozenset()) -> int:
+        """The sequence's slot. With none free, the least recently used sequence outside `pinned`
+        is evicted: always safe, since its owner resends its tokens and it is rebuilt by prefill."""
         if seq_id in self.slot:
+            self.slot[seq_id] = self.slot.pop(seq_id)  # mark as recently used
             return self.slot[seq_id]
         if not self.free:
-            raise NoFreeSlot(f"no free KV-cache slot for sequence {seq_id!r}")
+            victim = next((s for s in self.slot if s not in pinned), None)
+            if victim is None:
+                raise RuntimeError(f"a batch of {len(pinned)} sequences exceeds the {self.n_slots} KV-cache slots")
+            self.release(victim)
+            self.evicted += 1
         self.slot[seq_id] = self.free.pop()
         self.tokens[seq_id] = []
         return self.slot[seq_id]

@@ -76,6 +76,11 @@ class ModelSpec(Strict):
     max_seqs: int = Field(8, ge=1)  # KV-cache slots
     max_seq_len: int | None = Field(None, ge=8)  # default: min(model context, 2048)
     trust_remote_code: bool = False
+    # Ray Serve knobs, read only by deployments/: replicas, resources per replica, autoscaling.
+    num_replicas: int = Field(1, ge=1)
+    num_gpus: float = Field(0.0, ge=0)
+    num_cpus: float = Field(0.0, ge=0)
+    autoscaling: dict | None = None
 
     @property
     def placement(self) -> list[str]:
@@ -89,11 +94,6 @@ class DraftSpec(ModelSpec):
 class TargetSpec(ModelSpec):
     name: str
     profile: Profile = Field(default_factory=Profile)
-    # Ray Serve knobs, read only by deployments/: replicas, GPUs per replica, autoscaling.
-    num_replicas: int = Field(1, ge=1)
-    num_gpus: float = Field(0.0, ge=0)
-    num_cpus: float = Field(0.0, ge=0)
-    autoscaling: dict | None = None
 
 
 class Limits(Strict):

@@ -10,9 +10,9 @@ from collections import deque
 from collections.abc import Iterator
 
 from s2d.config import EngineConfig, Limits, Profile, SamplingParams
-from s2d.draft import SortedDraft
+from s2d.draft import SortedDraft, read_exits
 from s2d.metrics import SpecStats
-from s2d.model import CausalLM
+from s2d.model import CausalLM, context_length, load_hf_config
 from s2d.sequence import (Delta, DraftPlan, Overloaded, Request, RequestError, Sequence, UnknownTarget,
                           encode_prompt, eos_ids)
 from s2d.workers import Proposal, Proposer, Verifier
@@ -66,6 +66,19 @@ class TargetFrontend:
         return Sequence(seq_id, self.name, ids, params, plan, self.tokenizer, self.eos, self.context)
 
 
+def build_frontends(cfg: EngineConfig) -> dict[str, TargetFrontend]:
+    """Every target's frontend, from the checkpoints' configs alone (no weights loaded)."""
+    d = cfg.draft
+    draft_path = cfg.resolve(d.path)
+    exits = read_exits(draft_path)
+    draft_ctx = context_length(load_hf_config(draft_path, d.trust_remote_code), d.max_seq_len)
+    out = {}
+    for t in cfg.targets:
+        ctx = context_length(load_hf_config(cfg.resolve(t.path), t.trust_remote_code), t.max_seq_len)
+        out[t.name] = TargetFrontend(cfg, t.name, exits, min(ctx, draft_ctx))
+    return out
+
+
 class Engine:
     def __init__(self, cfg: EngineConfig, draft: SortedDraft, targets: dict[str, CausalLM]):
         self.cfg = cfg
@@ -75,8 +88,7 @@ class Engine:
         for n, m in targets.items():
             if m.cfg.vocab_size != vocab:
                 raise ValueError(f"targets.{n}: vocabulary {m.cfg.vocab_size} differs from the draft's {vocab}")
-        self.frontends = {n: TargetFrontend(cfg, n, draft.exits, min(m.max_len, draft.lm.max_len))
-                          for n, m in targets.items()}
+        self.frontends = build_frontends(cfg)
         self.waiting: deque[Sequence] = deque()
         self.running: dict[str, Sequence] = {}
         self.finished_stats = SpecStats()

@@ -36,6 +36,11 @@ def load_hf_config(path: str | Path, trust_remote_code: bool = False):
     return cfg
 
 
+def context_length(cfg, max_seq_len: int | None) -> int:
+    """Positions a model's KV cache holds: the configured length, at most the model's context."""
+    return min(max_seq_len or 2048, cfg.max_position_embeddings)
+
+
 def rope_inv_freq(cfg) -> tuple[torch.Tensor, float]:
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -150,7 +155,7 @@ class CausalLM(nn.Module):
         if self.tied:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.n_layers = cfg.num_hidden_layers
-        self.max_len = min(max_len or 2048, cfg.max_position_embeddings)
+        self.max_len = context_length(cfg, max_len)
         self.window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
         with torch.device("cpu"):  # real values even when the module is built on the meta device
             inv_freq, self.rope_scale = rope_inv_freq(cfg)

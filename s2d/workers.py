@@ -63,8 +63,9 @@ class Worker:
     def _sync(self, items, truncate) -> tuple[list[int], list[int]]:
         """Slot and reusable cached length of each item."""
         slots, common = [], []
+        pinned = {it.seq_id for it in items}
         for it in items:
-            slots.append(self.table.acquire(it.seq_id))
+            slots.append(self.table.acquire(it.seq_id, pinned))
             common.append(self.table.common_prefix(it.seq_id, it.tokens))
             truncate(slots[-1], common[-1])
         return slots, common

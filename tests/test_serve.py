@@ -1,0 +1,177 @@
+"""The served product: a real local Ray cluster, Ray Serve's gRPC proxy on 127.0.0.1, real models.
+Two targets (one with two replicas) share one draft deployment."""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+import ray
+import yaml
+from ray import serve
+
+from s2d.client import S2DClient
+from s2d.engine import Engine, Request, greedy
+
+from conftest import PROMPTS, make_config
+
+N = 16
+MAX_LIVE = 40
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def config(family, tmp_path_factory):
+    cfg = make_config(family).model_dump()
+    cfg["targets"][0]["num_replicas"] = 2
+    cfg["limits"]["max_waiting"] = MAX_LIVE
+    path = tmp_path_factory.mktemp("serve") / "engine.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(config):
+    from deployments.app import build_app
+
+    port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()},
+                grpc_options={"port": port, "grpc_servicer_functions": ["s2d.proto.s2d_pb2_grpc.add_S2DServicer_to_server"]})
+    serve.run(build_app({"config": str(config)}), name="s2d", route_prefix="/")
+    client = S2DClient(f"127.0.0.1:{port}", timeout=120)
+    yield client
+    client.close()
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def expected(family):
+    """The in-process engine's greedy outputs: what the server must return."""
+    eng = Engine.from_config(make_config(family))
+    reqs = [Request(target=t, prompt=p, params=greedy(N)) for t in ("small", "large") for p in PROMPTS[:16]]
+    return {(r.target, r.prompt): res for r, res in zip(reqs, eng.generate(reqs))}
+
+
+def replica_stats():
+    return serve.get_app_handle("s2d").replica_stats.remote().result()
+
+
+def gen(client, target, prompt, **kw):
+    kw.setdefault("max_tokens", N)
+    return client.generate(target, prompt, stop=(), **kw)
+
+
+def test_health_and_targets(server):
+    assert server.health() == "ok"
+    r = server.list_targets()
+    assert list(r.targets) == ["small", "large"] and list(r.draft_exits) == [1, 2, 3]
+
+
+def test_each_target_greedy_equals_engine(server, expected):
+    for (target, prompt), want in list(expected.items())[::4]:
+        r = gen(server, target, prompt)
+        assert (list(r.token_ids), r.text, r.finish_reason) == (want["token_ids"], want["text"], want["finish_reason"])
+        assert r.usage.completion_tokens == len(r.token_ids) and r.stats.target_forwards > 0
+
+
+def test_stream_equals_unary(server):
+    unary = gen(server, "large", "import json", max_tokens=24)
+    chunks = list(server.stream("large", "import json", max_tokens=24))
+    assert "".join(c.text for c in chunks) == unary.text
+    assert sum((list(c.token_ids) for c in chunks), []) == list(unary.token_ids)
+    assert chunks[-1].finished and chunks[-1].stats.mat == unary.stats.mat
+
+
+def test_32_concurrent_mixed_requests_batch_in_the_draft(server, expected):
+    jobs = list(expected.items())  # 32 requests over both targets
+    with ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(lambda kv: gen(server, *kv[0]), jobs))
+    for ((target, prompt), want), r in zip(jobs, results):
+        assert list(r.token_ids) == want["token_ids"], (target, prompt)
+    stats = replica_stats()
+    assert stats["draft"]["max_batch"] > 1, stats
+
+
+def test_errors_map_to_status_codes_and_the_server_keeps_serving(server, expected):
+    cases = [({"target": "nope", "prompt": "x"}, grpc.StatusCode.NOT_FOUND, "target"),
+             ({"target": "small", "prompt": "x", "temperature": -1.0}, grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+             ({"target": "small", "prompt": "x", "top_p": 0.0}, grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+             ({"target": "small", "prompt": ""}, grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+             ({"target": "small", "prompt": "x", "max_tokens": 100_000}, grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+             ({"target": "small", "prompt": "x", "mode": "fixed:9"}, grpc.StatusCode.INVALID_ARGUMENT, "mode")]
+    for kw, code, field in cases:
+        with pytest.raises(grpc.RpcError) as e:
+            server.generate(**kw)
+        assert e.value.code() == code and field in e.value.details(), (kw, e.value.details())
+    (target, prompt), want = next(iter(expected.items()))
+    assert list(gen(server, target, prompt).token_ids) == want["token_ids"]
+
+
+def wait_until_freed(timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stats = replica_stats()
+        if all(s["held"] == 0 for s in stats.values()):
+            return stats
+        time.sleep(0.25)
+    raise AssertionError(f"sequences still held: {stats}")
+
+
+def test_deadline_exceeded_frees_the_sequence(server):
+    with pytest.raises(grpc.RpcError) as e:
+        server.generate("large", "def decode(s):", max_tokens=200, timeout=0.4, mode="ar")
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_until_freed()
+
+
+def test_overload_is_refused_not_hung(server):
+    def call(i):
+        try:
+            return gen(server, "small", PROMPTS[i % 16], max_tokens=40, timeout=60).finish_reason
+        except grpc.RpcError as e:
+            return e.code()
+
+    with ThreadPoolExecutor(MAX_LIVE + 24) as pool:
+        outcomes = list(pool.map(call, range(MAX_LIVE + 24)))
+    refused = [o for o in outcomes if o in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)]
+    done = [o for o in outcomes if o in ("length", "stop")]
+    assert refused and len(done) + len(refused) == len(outcomes), outcomes
+    wait_until_freed()
+
+
+def test_target_replica_killed_mid_stream(server, expected):
+    prompt = PROMPTS[0]
+    got, errors = [], []
+
+    def consume():
+        try:
+            for c in server.stream("small", prompt, max_tokens=N, timeout=90):
+                got.append(c)
+                time.sleep(0.15)  # a slow reader keeps the request in flight while we kill
+        except grpc.RpcError as e:
+            errors.append(e.code())
+
+    t = threading.Thread(target=consume)
+    start = time.monotonic()
+    t.start()
+    while not got and time.monotonic() - start < 30:
+        time.sleep(0.02)
+    for name in [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "target-small" in a["name"]]:
+        ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+    t.join(timeout=120)
+    assert not t.is_alive(), "the request hung"
+    print("killed mid-stream:", "UNAVAILABLE" if errors else "completed", len(got), "chunks")
+    if errors:
+        assert errors == [grpc.StatusCode.UNAVAILABLE]
+    else:
+        assert sum((list(c.token_ids) for c in got), []) == expected["small", prompt]["token_ids"]
