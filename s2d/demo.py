@@ -1,0 +1,126 @@
+"""The bundled demo family, rebuilt by `s2d build-demo`: a BPE tokenizer and three Llama-style
+targets (demo-s, demo-m, demo-l, standing for 7B/13B/70B) trained on CPython's standard library
+source, and one sorted draft (first 3 layers of demo-s, exits 1/2/3) SoFT-trained for all of them."""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import sysconfig
+import time
+from pathlib import Path
+
+import yaml
+
+DEMO_DIR = Path(__file__).parent / "demo"
+
+# name: (layers, hidden, heads). Each is about twice the previous in parameters and step cost.
+TARGETS = {"demo-s": (4, 128, 4), "demo-m": (8, 224, 4), "demo-l": (12, 256, 4)}
+DRAFT = {"source": "demo-s", "layers": 3, "exits": [1, 2, 3]}
+RECIPE = {"vocab": 4096, "seq_len": 256, "batch_size": 16, "target_steps": 320, "draft_steps": 320, "lr": 2e-3,
+          "draft_lr": 1e-3, "kd_weight": 0.5, "heldout_fraction": 0.05, "seed": 0}
+QUICK = {"vocab": 512, "seq_len": 64, "batch_size": 4, "target_steps": 3, "draft_steps": 3, "files": 30}
+
+
+def corpus_files(root: Path, limit: int | None = None) -> list[Path]:
+    files = sorted(p for p in root.glob("*.py") if p.stat().st_size > 2000)
+    return files[:limit] if limit else files
+
+
+def split_files(files: list[Path], fraction: float, seed: int) -> tuple[list[Path], list[Path]]:
+    rng = random.Random(seed)
+    held = sorted(rng.sample(files, max(1, int(len(files) * fraction))))
+    return [f for f in files if f not in held], held
+
+
+def model_card(name: str, info: dict) -> str:
+    rows = "\n".join(f"| {k} | {v} |" for k, v in info.items())
+    return f"# {name}\n\nPart of the s2d demo family. Rebuild: `{info['rebuild']}`.\n\n| field | value |\n|---|---|\n{rows}\n"
+
+
+def build_demo(out: str | Path = DEMO_DIR, corpus: str | Path | None = None, quick: bool = False,
+               draft_only: bool = False, progress: bool = True) -> dict:
+    from transformers import AutoTokenizer
+
+    from s2d.draft import make_draft
+    from s2d.tiny import llama_config, save_random_model, train_tokenizer
+    from s2d.train import TrainArgs, pack, train
+
+    recipe = {**RECIPE, **(QUICK if quick else {})}
+    out, work = Path(out), Path(out) / ".work"
+    rebuild = "s2d build-demo" + (" --quick" if quick else "") + (f" --corpus {corpus}" if corpus else "")
+    corpus = Path(corpus or sysconfig.get_paths()["stdlib"])
+    train_files, held = split_files(corpus_files(corpus, recipe.get("files")), recipe["heldout_fraction"], recipe["seed"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "heldout_files.txt").write_text("".join(f"{f.name}\n" for f in held))
+    t0 = time.perf_counter()
+    tok_dir = work / "tokenizer"
+    texts = [f.read_text(errors="ignore") for f in train_files]
+    if not draft_only:
+        train_tokenizer(texts, recipe["vocab"], tok_dir)
+    tok = AutoTokenizer.from_pretrained(str(tok_dir if tok_dir.exists() else out / "demo-s"))
+    data = pack(tok, texts, recipe["seq_len"])
+    eval_data = pack(tok, [f.read_text(errors="ignore") for f in held], recipe["seq_len"])
+    common = dict(seq_len=recipe["seq_len"], batch_size=recipe["batch_size"], seed=recipe["seed"], progress=progress,
+                  eval_every=10**9, save_every=10**9, save_dtype="bfloat16" if not quick else "float32")
+    cards = {}
+    for name, (layers, hidden, heads) in ({} if draft_only else TARGETS).items():
+        init = work / f"{name}-init"
+        save_random_model(llama_config(len(tok), layers, hidden, heads, max_pos=1024), init, recipe["seed"], tok_dir)
+        s = train(init, data, TrainArgs(out=str(out / name), max_steps=recipe["target_steps"], lr=recipe["lr"], **common),
+                  eval_data, tok)
+        cards[name] = {"shape": f"{layers} layers x {hidden}", "params": _params(out / name), "steps": s["steps"],
+                       "train_tokens": s["tokens"], "final_train_loss": s["final_loss"], "heldout_loss": s["eval_loss"]}
+    src = out / DRAFT["source"]
+    init = make_draft(src, DRAFT["layers"], DRAFT["exits"], work / "draft-init")
+    s = train(init, data, TrainArgs(out=str(out / "demo-draft"), max_steps=recipe["draft_steps"], lr=recipe["draft_lr"],
+                                    kd_target=str(out / "demo-l"), kd_weight=recipe["kd_weight"], **common), eval_data, tok)
+    cards["demo-draft"] = {"shape": f"first {DRAFT['layers']} layers of {DRAFT['source']}, exits {DRAFT['exits']}",
+                           "params": _params(out / "demo-draft"), "steps": s["steps"], "train_tokens": s["tokens"],
+                           "objective": f"SoFT + {recipe['kd_weight']} x KL to demo-l", "final_train_loss": s["final_loss"],
+                           "heldout_loss": s["eval_loss"]}
+    for name, info in cards.items():
+        info.update(data=f"CPython {corpus} *.py ({len(train_files)} files; {len(held)} held out, heldout_files.txt)",
+                    tokenizer=f"byte-level BPE, {len(tok)} tokens", rebuild=rebuild)
+        (out / name / "README.md").write_text(model_card(name, info))
+    if not (out / "demo.yaml").exists() or quick:
+        (out / "demo.yaml").write_text(yaml.safe_dump(default_config(), sort_keys=False))
+    shutil.rmtree(work, ignore_errors=True)
+    summary = {"seconds": round(time.perf_counter() - t0, 1), "models": cards}
+    (out / "build.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _params(path: Path) -> str:
+    from safetensors import safe_open
+
+    n = 0
+    for f in path.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as fh:
+            n += sum(_prod(fh.get_slice(k).get_shape()) for k in fh.keys())
+    return f"{n / 1e6:.2f}M"
+
+
+def _prod(shape) -> int:
+    out = 1
+    for s in shape:
+        out *= s
+    return out
+
+
+def default_config() -> dict:
+    return {
+        "draft": {"path": "demo-draft", "max_seqs": 32},
+        "targets": [{"name": n, "path": n, "max_seqs": 32, "max_seq_len": 1024,
+                     "profile": {"thresholds": [0.5, 0.5, 0.0], "k_max": 5, "stop_threshold": 0.0}} for n in TARGETS],
+        "limits": {"max_prompt_tokens": 768, "max_new_tokens": 256, "max_waiting": 128},
+    }
+
+
+def add_cli(sub):
+    p = sub.add_parser("build-demo", help="rebuild the bundled demo family from CPython's stdlib source")
+    p.add_argument("--out", default=str(DEMO_DIR))
+    p.add_argument("--corpus", default=None, help="a folder of .py files (default: this Python's stdlib)")
+    p.add_argument("--quick", action="store_true", help="a few steps of tiny models (smoke test)")
+    p.add_argument("--draft-only", action="store_true", help="retrain only the draft against the existing targets")
+    p.set_defaults(fn=lambda a: print(json.dumps(build_demo(a.out, a.corpus, a.quick, a.draft_only), indent=1)))

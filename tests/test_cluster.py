@@ -1,0 +1,36 @@
+"""Deployment files: the KubeRay manifest validates against KubeRay's CRD, and every config that
+ships parses with the engine's pydantic model."""
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from s2d.config import EngineConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+CRD = ROOT.parent / "shared" / "data" / "kuberay" / "ray.io_rayservices.yaml"
+
+
+def test_rayservice_validates_against_the_kuberay_crd():
+    if not CRD.exists():
+        pytest.fail(f"KubeRay CRD not found at {CRD} (../shared/data/kuberay)")
+    crd = yaml.safe_load(CRD.read_text())
+    schema = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
+    manifest = yaml.safe_load((ROOT / "cluster" / "rayservice.yaml").read_text())
+    jsonschema.validate(manifest, schema)
+    serve = yaml.safe_load(manifest["spec"]["serveConfigV2"])
+    assert serve == yaml.safe_load((ROOT / "cluster" / "serve_config.gpu.yaml").read_text())
+
+
+def test_gpu_engine_config_places_the_family():
+    cfg = EngineConfig.model_validate(yaml.safe_load((ROOT / "cluster" / "engine.gpu.yaml").read_text()))
+    big = cfg.target("llama-2-70b-chat")
+    assert big.num_gpus == 4 and len(big.placement) == 4 and cfg.draft.num_gpus == 1
+
+
+def test_serve_config_names_the_app_builder_and_stubs():
+    cfg = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    app = cfg["applications"][0]
+    assert app["import_path"] == "deployments.app:build_app"
+    assert cfg["grpc_options"]["grpc_servicer_functions"] == ["s2d.proto.s2d_pb2_grpc.add_S2DServicer_to_server"]
