@@ -87,6 +87,24 @@ def test_lazy_kv_fill_equals_full_forward(family):
                 assert (got - refs[draft.exits[s]][p - 1]).abs().max() <= 1e-4, (p, s)
 
 
+def test_lazy_fill_after_rollback_equals_full_forward(family):
+    """Rejected drafts roll the draft back; what follows must still equal a full forward."""
+    draft = SortedDraft.from_pretrained(family["draft"], n_slots=1, max_len=128)
+    first, second = list(range(50, 80)), list(range(50, 65)) + list(range(200, 215))
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in range(1, len(first) + 1):  # random depths along the first sequence
+            for s in range(int(torch.randint(1, 4, (1,), generator=g))):
+                draft.run_segment(s, [0], [first], [p])
+        draft.truncate(0, 15)  # keep the common prefix of 15 tokens
+        refs = {e: exit_logits_reference(family["draft"], second, e) for e in draft.exits}
+        for p in range(16, len(second) + 1):
+            depth = int(torch.randint(1, 4, (1,), generator=g))
+            for s in range(depth):
+                got = draft.run_segment(s, [0], [second], [p])[0]
+                assert (got - refs[draft.exits[s]][p - 1]).abs().max() <= 1e-4, (p, s)
+
+
 def _exits_used(family, thresholds):
     prop = Proposer(SortedDraft.from_pretrained(family["draft"], n_slots=2, max_len=128))
     item = ProposeItem("a", list(range(100, 120)), 6, thresholds, 0.0, SamplingParams(), 0)
