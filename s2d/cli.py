@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 
 
 def _sampling_flags(p: argparse.ArgumentParser):
@@ -103,24 +102,13 @@ def main(argv=None):
     c.add_argument("--dtype", default="float32")
     c.set_defaults(fn=cmd_convert_gguf)
 
-    for extra in _extensions():
-        extra(sub)
+    # Subcommands defined next to what they run.
+    from s2d import bench, client, demo, train, tune
+
+    for module in (train, demo, bench, tune, client):
+        module.add_cli(sub)
     a = p.parse_args(argv)
     a.fn(a)
-
-
-def _extensions():
-    """Subcommands defined next to what they run (training, demo, bench, client)."""
-    import importlib
-
-    out = []
-    for mod in ("s2d.train", "s2d.demo", "s2d.bench", "s2d.tune", "s2d.client"):
-        try:
-            out.append(importlib.import_module(mod).add_cli)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
-    return out
 
 
 if __name__ == "__main__":

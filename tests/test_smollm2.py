@@ -22,3 +22,16 @@ def test_smollm2_s2d_equals_ar_through_the_cli(smollm2, tmp_path):
     assert s2d["text"] == ar["text"] and s2d["token_ids"] == ar["token_ids"]
     assert "Paris" in ar["text"]
     assert sum(s2d["stats"]["exit_histogram"].values()) == s2d["stats"]["drafted"] > 0
+
+
+def test_smollm2_draft_soft_training_shortened(smollm2, tmp_path):
+    """The exact recipe of the real run (12 of 30 layers, exits 4/8/12), two steps on short windows."""
+    from conftest import STDLIB
+
+    out = tmp_path / "trained"
+    run_cli("train-draft", "--from", str(smollm2), "--layers", "12", "--exits", "4,8,12", "--data",
+            str(STDLIB / "json" / "decoder.py"), "--max-steps", "2", "--seq-len", "32", "--batch-size", "2",
+            "--lr", "2e-5", "--out", str(out))
+    log = json.loads((out / "train_log.json").read_text())
+    assert log["summary"]["exits"] == [4, 8, 12] and set(log["summary"]["final_loss"]) == {"4", "8", "12"}
+    assert json.loads((out / "config.json").read_text())["s2d_exits"] == [4, 8, 12]
