@@ -137,7 +137,7 @@ def test_deadline_exceeded_frees_the_sequence(server):
 def test_overload_is_refused_not_hung(server):
     def call(i):
         try:
-            return gen(server, "small", PROMPTS[i % 16], max_tokens=40, timeout=60).finish_reason
+            return gen(server, "small", PROMPTS[i % 16], max_tokens=96, timeout=120).finish_reason
         except grpc.RpcError as e:
             return e.code()
 
