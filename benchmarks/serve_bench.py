@@ -6,19 +6,15 @@ Ray Serve and called over gRPC on 127.0.0.1. A benchmark, not a test.
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-for k, v in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-             "HF_HUB_OFFLINE": "1"}.items():
-    os.environ.setdefault(k, v)
-
-from s2d.bench import code_prompts, heldout_code  # noqa: E402
-from s2d.config import SamplingParams, load_config  # noqa: E402
-from s2d.engine import Engine, Request  # noqa: E402
+from deployments.local import serve_locally, shutdown
+from s2d.bench import code_prompts, heldout_code
+from s2d.client import S2DClient
+from s2d.config import SamplingParams, load_config
+from s2d.engine import Engine, Request
 
 
 def in_process(engine: Engine, target, prompts, concurrency, max_tokens, mode) -> float:
@@ -62,24 +58,10 @@ def main():
     local = {c: in_process(engine, a.target, prompts, c, a.max_tokens, a.mode) for c in levels}
     del engine
 
-    import ray
-    from ray import serve
-
-    from deployments.app import build_app
-    from s2d.client import S2DClient
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
-    serve.start(grpc_options={"port": port, "grpc_servicer_functions": ["s2d.proto.s2d_pb2_grpc.add_S2DServicer_to_server"]},
-                http_options={"host": "127.0.0.1", "port": 0})
-    serve.run(build_app({"config": a.config}), name="s2d", route_prefix="/")
-    client = S2DClient(f"127.0.0.1:{port}", timeout=600)
+    client = S2DClient(serve_locally(a.config), timeout=600)
     over_grpc(client, a.target, prompts[:2], 2, 8, a.mode)  # warm-up
     remote = {c: over_grpc(client, a.target, prompts, c, a.max_tokens, a.mode) for c in levels}
-    serve.shutdown()
-    ray.shutdown()
+    shutdown()
 
     print(f"\n{a.mode}, {a.target}, {a.requests} requests x {a.max_tokens} tokens, greedy\n")
     print("| concurrency | in-process tok/s | gRPC via Ray Serve tok/s |\n|---|---|---|")

@@ -94,7 +94,7 @@ def run_bench(engine: Engine, targets: list[str], modes: list[str], temperatures
                         res = engine.generate([Request(target=target, prompt=prompt, params=params, mode=mode)])[0]
                         dt = time.perf_counter() - t0
                         a = acc[mode]
-                        a[0] = a[0].merge(_stats(res["stats"]))
+                        a[0] = a[0].merge(SpecStats.from_dict(res["stats"]))
                         a[1] += len(res["token_ids"])
                         a[2] += dt
                         bar.update(1)
@@ -104,16 +104,11 @@ def run_bench(engine: Engine, targets: list[str], modes: list[str], temperatures
                     rows.append({"target": target, "temperature": temp, "task": task, "mode": mode, "prompts": len(prompts),
                                  "tokens": toks, "seconds": round(secs, 3), "tokens_per_s": round(toks / secs, 2),
                                  "speedup": round(toks / secs / ar_tps, 3), "mat": d["mat"],
+                                 "target_forwards": d["target_forwards"],
                                  "acceptance_per_position": d["acceptance_per_position"],
                                  "exit_histogram": d["exit_histogram"]})
     bar.close()
     return rows
-
-
-def _stats(d: dict) -> SpecStats:
-    s = SpecStats(d["drafted"], d["accepted"], d["emitted"], d["target_forwards"])
-    s.exits.update({int(k): v for k, v in d["exit_histogram"].items()})
-    return s
 
 
 def overall(rows: list[dict]) -> list[dict]:
@@ -126,7 +121,7 @@ def overall(rows: list[dict]) -> list[dict]:
         toks, secs = sum(r["tokens"] for r in rs), sum(r["seconds"] for r in rs)
         ar = groups[target, temp, "ar"]
         ar_tps = sum(r["tokens"] for r in ar) / sum(r["seconds"] for r in ar)
-        forwards = sum(r["tokens"] / r["mat"] for r in rs if r["mat"])
+        forwards = sum(r["target_forwards"] for r in rs)
         exits = defaultdict(int)
         for r in rs:
             for k, v in r["exit_histogram"].items():

@@ -8,14 +8,11 @@ import torch
 
 
 class KVCache:
-    def __init__(self, n_layers, n_slots, max_len, n_kv_heads, head_dim, dtype, layer_devices):
-        # One extra position per slot takes the writes of padding tokens.
-        self.max_len = max_len
-        self.scratch = max_len
+    def __init__(self, n_slots, max_len, n_kv_heads, head_dim, dtype, layer_devices):
+        # One extra position per slot (index max_len) takes the writes of padding tokens.
         shape = (n_slots, n_kv_heads, max_len + 1, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=d) for d in layer_devices]
         self.v = [torch.zeros(shape, dtype=dtype, device=d) for d in layer_devices]
-        self.n_slots = n_slots
 
     def write(self, layer: int, slots, write_pos, k, v):
         """k, v: [B, Hkv, T, D] stored at write_pos [B, T] of the given slots."""

@@ -46,12 +46,18 @@ class SpecStats:
                 out.accepted_at[i] += a
         return out
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "SpecStats":
+        return cls(d["drafted"], d["accepted"], d["emitted"], d["target_forwards"], list(d["proposed_at"]),
+                   list(d["accepted_at"]), Counter({int(k): v for k, v in d["exit_histogram"].items()}), d["wall_s"])
+
     def to_dict(self) -> dict:
         return {
             "drafted": self.drafted, "accepted": self.accepted, "emitted": self.emitted,
             "target_forwards": self.target_forwards, "mat": round(self.mat, 4),
             "acceptance_rate": round(self.accepted / self.drafted, 4) if self.drafted else 0.0,
             "acceptance_per_position": [round(a / p, 4) if p else 0.0 for p, a in zip(self.proposed_at, self.accepted_at)],
+            "proposed_at": list(self.proposed_at), "accepted_at": list(self.accepted_at),
             "exit_histogram": {str(k): v for k, v in sorted(self.exits.items())},
             "wall_s": round(self.wall_s, 4),
         }

@@ -202,7 +202,7 @@ class CausalLM(nn.Module):
         self.inv_freq = self.inv_freq.to(self.first_device)
         self.eval().requires_grad_(False)
         hd = getattr(self.cfg, "head_dim", None) or self.cfg.hidden_size // self.cfg.num_attention_heads
-        self.cache = KVCache(self.n_layers, self.n_slots, self.max_len, self.cfg.num_key_value_heads, hd, self.dtype, self.layer_devices)
+        self.cache = KVCache(self.n_slots, self.max_len, self.cfg.num_key_value_heads, hd, self.dtype, self.layer_devices)
         return self
 
     # -- forward -------------------------------------------------------------------------------

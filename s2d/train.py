@@ -152,7 +152,10 @@ def train(model_dir: str | Path, data: tuple[torch.Tensor, torch.Tensor], args: 
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    model, opt, sched = acc.prepare(model, opt, sched)
+    # The schedule counts optimizer steps itself, so it is not prepared (accelerate would step it once per
+    # process); it is registered so checkpoints carry it.
+    model, opt = acc.prepare(model, opt)
+    acc.register_for_checkpointing(sched)
 
     ckpt, start, log = out / "checkpoint", 0, []
     if args.resume and (ckpt / "state.json").exists():
@@ -183,9 +186,11 @@ def train(model_dir: str | Path, data: tuple[torch.Tensor, torch.Tensor], args: 
                         t_logits = teacher(input_ids=x[:, :-1]).logits
                 loss, per_exit = soft_loss(logits, x[:, 1:], m[:, 1:], t_logits, args.kd_weight)
                 acc.backward(loss)
-                acc.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
-                sched.step() if acc.sync_gradients else None
+                if acc.sync_gradients:  # the last micro-batch of a step
+                    acc.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()  # accelerate skips it on the other micro-batches
+                if acc.sync_gradients:
+                    sched.step()
                 opt.zero_grad()
             seen += x.numel()
         tps = seen * acc.num_processes / (time.perf_counter() - t0)

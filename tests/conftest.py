@@ -9,14 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from deployments.local import set_local_env
 from s2d.config import EngineConfig
 from s2d.draft import make_draft
 from s2d.tiny import llama_config, save_random_model, train_tokenizer
 
-# Ray on these machines (../shared/notes/ray-serve-here.md): loopback only, no auth token, no stats.
-for k, v in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-             "HF_HUB_OFFLINE": "1"}.items():
-    os.environ.setdefault(k, v)
+set_local_env()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

@@ -2,7 +2,6 @@
 Two targets (one with two replicas) share one draft deployment."""
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,12 +21,6 @@ N = 16
 MAX_LIVE = 40
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def config(family, tmp_path_factory):
     cfg = make_config(family).model_dump()
@@ -40,18 +33,12 @@ def config(family, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(config):
-    from deployments.app import build_app
+    from deployments.local import serve_locally, shutdown
 
-    port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": free_port()},
-                grpc_options={"port": port, "grpc_servicer_functions": ["s2d.proto.s2d_pb2_grpc.add_S2DServicer_to_server"]})
-    serve.run(build_app({"config": str(config)}), name="s2d", route_prefix="/")
-    client = S2DClient(f"127.0.0.1:{port}", timeout=120)
+    client = S2DClient(serve_locally(str(config), num_cpus=2), timeout=120)
     yield client
     client.close()
-    serve.shutdown()
-    ray.shutdown()
+    shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,44 @@
+"""Serve the app on a local Ray cluster from Python (tests, benchmarks): the settings Ray needs on
+a machine with only loopback (../shared/notes/ray-serve-here.md), and the gRPC proxy on a free port."""
+from __future__ import annotations
+
+import os
+import socket
+
+LOCAL_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+             "HF_HUB_OFFLINE": "1"}
+
+
+def set_local_env():
+    for k, v in LOCAL_ENV.items():
+        os.environ.setdefault(k, v)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_locally(config: str, num_cpus: int | None = None) -> str:
+    """Start Ray and Serve in this process, deploy the app for `config`; returns the gRPC address."""
+    set_local_env()
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app
+
+    port = free_port()
+    ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()},
+                grpc_options={"port": port, "grpc_servicer_functions": ["s2d.proto.s2d_pb2_grpc.add_S2DServicer_to_server"]})
+    serve.run(build_app({"config": config}), name="s2d", route_prefix="/")
+    return f"127.0.0.1:{port}"
+
+
+def shutdown():
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
