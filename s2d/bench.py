@@ -28,9 +28,17 @@ def find_spec_bench() -> Path | None:
     return None
 
 
-def spec_bench_prompts(path: Path, per_task: int, fits=lambda q: True, seed: int = 0) -> dict[str, list[str]]:
-    """First turns of Spec-Bench questions, per task; `fits` drops those too long for the context."""
+def is_calibration(question: dict) -> bool:
+    """Every fourth Spec-Bench question is kept for `s2d tune`; the bench never uses it."""
+    return int(question["question_id"]) % 4 == 0
+
+
+def spec_bench_prompts(path: Path, per_task: int, fits=lambda q: True, seed: int = 0,
+                       calibration: bool = False) -> dict[str, list[str]]:
+    """First turns of Spec-Bench questions, per task, from the bench split (or the calibration
+    split); `fits` drops those too long for the context."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if is_calibration(r) == calibration]
     rng = random.Random(seed)
     out = {}
     for task, cats in SPEC_BENCH_TASKS.items():
@@ -38,6 +46,13 @@ def spec_bench_prompts(path: Path, per_task: int, fits=lambda q: True, seed: int
         if qs:  # a task whose every question is too long for this context is left out
             out[task] = rng.sample(qs, min(per_task, len(qs)))
     return out
+
+
+def fits_context(engine: Engine, target: str, max_tokens: int):
+    """Whether a prompt leaves room for max_tokens in the target's context and prompt limit."""
+    front = engine.frontends[target]
+    limit = min(engine.cfg.limits.max_prompt_tokens, front.context - max_tokens - 8)
+    return lambda q: len(front.tokenizer(q)["input_ids"]) <= limit
 
 
 def code_prompts(files: list[Path], n: int, chars: int = 400, seed: int = 0) -> list[str]:
@@ -201,9 +216,7 @@ def cmd_bench(a):
     tasks = {}
     sb = Path(a.spec_bench) if a.spec_bench else find_spec_bench()
     if sb and sb.exists():
-        front = engine.frontends[targets[0]]
-        limit = min(cfg.limits.max_prompt_tokens, front.context - max_tokens - 8)
-        tasks.update(spec_bench_prompts(sb, per_task, lambda q: len(front.tokenizer(q)["input_ids"]) <= limit))
+        tasks.update(spec_bench_prompts(sb, per_task, fits_context(engine, targets[0], max_tokens)))
     code = heldout_code(Path(cfg.base_dir or "."), code_n)
     if code:
         tasks["code"] = code

@@ -1,6 +1,8 @@
 """The bundled demo family, rebuilt by `s2d build-demo`: a BPE tokenizer and three Llama-style
 targets (demo-s, demo-m, demo-l, standing for 7B/13B/70B) trained on CPython's standard library
-source, and one sorted draft (first 3 layers of demo-s, exits 1/2/3) SoFT-trained for all of them."""
+source and, where given, Python's documentation (English prose, so that English prompts such as
+Spec-Bench's are not out of distribution), and one sorted draft (first 3 layers of demo-s, exits
+1/2/3) SoFT-trained for all of them."""
 from __future__ import annotations
 
 import json
@@ -17,17 +19,23 @@ DEMO_DIR = Path(__file__).parent / "demo"
 # name: (layers, hidden, heads). Each is about twice the previous in parameters and step cost.
 TARGETS = {"demo-s": (4, 128, 4), "demo-m": (8, 224, 4), "demo-l": (12, 256, 4)}
 DRAFT = {"source": "demo-s", "layers": 3, "exits": [1, 2, 3]}
-# Larger targets get more steps: with equal steps on this budget the larger ones had not yet
-# overtaken the smaller (held-out loss 4.78 for demo-s vs 4.98 for demo-m at 320 steps each).
+# Larger targets get more steps, so that held-out loss falls with size on a CPU budget. The corpus
+# is the whole stdlib (not only its top level), so no target sees a file twice.
 RECIPE = {"vocab": 4096, "seq_len": 256, "batch_size": 16, "draft_steps": 320, "lr": 2e-3,
-          "target_steps": {"demo-s": 320, "demo-m": 640, "demo-l": 640},
+          "target_steps": {"demo-s": 320, "demo-m": 640, "demo-l": 800},
           "draft_lr": 1e-3, "kd_weight": 0.5, "heldout_fraction": 0.05, "seed": 0}
 QUICK = {"vocab": 512, "seq_len": 64, "batch_size": 4, "target_steps": {n: 3 for n in TARGETS}, "draft_steps": 3,
          "files": 30}
 
 
-def corpus_files(root: Path, limit: int | None = None) -> list[Path]:
-    files = sorted(p for p in root.glob("*.py") if p.stat().st_size > 2000)
+# Third-party packages differ per machine; tests and IDLE are large and unlike library code.
+SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}
+
+
+def corpus_files(root: Path, pattern: str = "*.py", limit: int | None = None) -> list[Path]:
+    """Files under root (recursively, outside SKIP_DIRS), large enough to be real text."""
+    files = sorted(p for p in root.rglob(pattern)
+                   if not SKIP_DIRS & set(p.relative_to(root).parts) and p.stat().st_size > 2000)
     return files[:limit] if limit else files
 
 
@@ -42,8 +50,8 @@ def model_card(name: str, info: dict) -> str:
     return f"# {name}\n\nPart of the s2d demo family. Rebuild: `{info['rebuild']}`.\n\n| field | value |\n|---|---|\n{rows}\n"
 
 
-def build_demo(out: str | Path = DEMO_DIR, corpus: str | Path | None = None, quick: bool = False,
-               draft_only: bool = False, progress: bool = True) -> dict:
+def build_demo(out: str | Path = DEMO_DIR, corpus: str | Path | None = None, docs: str | Path | None = None,
+               quick: bool = False, draft_only: bool = False, progress: bool = True) -> dict:
     from transformers import AutoTokenizer
 
     from s2d.draft import make_draft
@@ -52,23 +60,33 @@ def build_demo(out: str | Path = DEMO_DIR, corpus: str | Path | None = None, qui
 
     recipe = {**RECIPE, **(QUICK if quick else {})}
     out, work = Path(out), Path(out) / ".work"
-    rebuild = "s2d build-demo" + (" --quick" if quick else "") + (f" --corpus {corpus}" if corpus else "")
+    rebuild = ("s2d build-demo" + (" --quick" if quick else "") + (f" --corpus {corpus}" if corpus else "")
+               + (" --docs <python3.11-doc>/usr/share/doc/python3.11/html/_sources" if docs else ""))
     corpus = Path(corpus or sysconfig.get_paths()["stdlib"])
-    train_files, held = split_files(corpus_files(corpus, recipe.get("files")), recipe["heldout_fraction"], recipe["seed"])
+    code, held = split_files(corpus_files(corpus, limit=recipe.get("files")), recipe["heldout_fraction"], recipe["seed"])
+    prose, held_prose = split_files(corpus_files(Path(docs), "*.txt", recipe.get("files")), recipe["heldout_fraction"],
+                                    recipe["seed"]) if docs else ([], [])
     out.mkdir(parents=True, exist_ok=True)
-    (out / "heldout_files.txt").write_text("".join(f"{f.name}\n" for f in held))
+    # the bench cuts its code-completion prompts from these (paths relative to the stdlib)
+    (out / "heldout_files.txt").write_text("".join(f"{f.relative_to(corpus).as_posix()}\n" for f in held))
+    fingerprint = {"recipe": recipe, "code_files": len(code), "doc_files": len(prose)}
+    if _read(out / "build.json").get("fingerprint") != fingerprint:  # another recipe or corpus: build anew
+        for name in (*TARGETS, "demo-draft"):
+            if not draft_only:
+                shutil.rmtree(out / name, ignore_errors=True)
     t0 = time.perf_counter()
     tok_dir = work / "tokenizer"
-    texts = [f.read_text(errors="ignore") for f in train_files]
-    if not (out / "demo-s" / "tokenizer.json").exists() or quick:
+    texts = [f.read_text(errors="ignore") for f in code + prose]
+    if not (out / "demo-s" / "tokenizer.json").exists():
         train_tokenizer(texts, recipe["vocab"], tok_dir)
     else:  # a target is already built: keep its tokenizer (the family shares one)
         tok_dir = out / "demo-s"
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
     data = pack(tok, texts, recipe["seq_len"])
-    eval_data = pack(tok, [f.read_text(errors="ignore") for f in held], recipe["seq_len"])
-    common = dict(seq_len=recipe["seq_len"], batch_size=recipe["batch_size"], seed=recipe["seed"], progress=progress,
-                  eval_every=10**9, save_every=10**9, save_dtype="bfloat16" if not quick else "float32")
+    eval_data = pack(tok, [f.read_text(errors="ignore") for f in held + held_prose], recipe["seq_len"])
+    common = {"seq_len": recipe["seq_len"], "batch_size": recipe["batch_size"], "seed": recipe["seed"],
+              "progress": progress, "eval_every": 10**9, "save_every": 10**9,
+              "save_dtype": "bfloat16" if not quick else "float32"}
     cards = {}
     for name, (layers, hidden, heads) in TARGETS.items():
         steps = recipe["target_steps"][name]
@@ -90,15 +108,20 @@ def build_demo(out: str | Path = DEMO_DIR, corpus: str | Path | None = None, qui
                            "objective": f"SoFT + {recipe['kd_weight']} x KL to demo-l", "final_train_loss": s["final_loss"],
                            "heldout_loss": s["eval_loss"]}
     for name, info in cards.items():
-        info.update(data=f"CPython {corpus} *.py ({len(train_files)} files; {len(held)} held out, heldout_files.txt)",
+        info.update(data=f"CPython stdlib {corpus} *.py ({len(code)} files; {len(held)} held out, heldout_files.txt)"
+                    + (f" + Python docs *.rst.txt ({len(prose)} files; {len(held_prose)} held out)" if docs else ""),
                     tokenizer=f"byte-level BPE, {len(tok)} tokens", rebuild=rebuild)
         (out / name / "README.md").write_text(model_card(name, info))
     if not (out / "demo.yaml").exists() or quick:
         (out / "demo.yaml").write_text(yaml.safe_dump(default_config(), sort_keys=False))
     shutil.rmtree(work, ignore_errors=True)
-    summary = {"seconds": round(time.perf_counter() - t0, 1), "models": cards}
+    summary = {"seconds": round(time.perf_counter() - t0, 1), "fingerprint": fingerprint, "models": cards}
     (out / "build.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def _built(path: Path, steps: int) -> dict | None:
@@ -141,6 +164,8 @@ def add_cli(sub):
     p = sub.add_parser("build-demo", help="rebuild the bundled demo family from CPython's stdlib source")
     p.add_argument("--out", default=str(DEMO_DIR))
     p.add_argument("--corpus", default=None, help="a folder of .py files (default: this Python's stdlib)")
+    p.add_argument("--docs", default=None, help="English prose: the _sources folder of Debian's python3.11-doc "
+                   "(apt-get download python3.11-doc && dpkg-deb -x python3.11-doc_*.deb DIR)")
     p.add_argument("--quick", action="store_true", help="a few steps of tiny models (smoke test)")
     p.add_argument("--draft-only", action="store_true", help="retrain only the draft against the existing targets")
-    p.set_defaults(fn=lambda a: print(json.dumps(build_demo(a.out, a.corpus, a.quick, a.draft_only), indent=1)))
+    p.set_defaults(fn=lambda a: print(json.dumps(build_demo(a.out, a.corpus, a.docs, a.quick, a.draft_only), indent=1)))

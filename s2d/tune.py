@@ -1,6 +1,7 @@
 """`s2d tune`: find the exit thresholds, stop threshold and k_max that maximise measured tokens/s
-for one target (coordinate search from the paper's default), on calibration prompts drawn from
-training files (disjoint from the bench's held-out files), and write the profile into the config."""
+for one target (coordinate search from the paper's default), on calibration prompts disjoint from
+the bench's: code cut from training files (not the held-out ones) and Spec-Bench's calibration
+split (every fourth question), and write the profile into the config."""
 from __future__ import annotations
 
 import json
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from s2d.bench import code_prompts
+from s2d.bench import code_prompts, find_spec_bench, fits_context, spec_bench_prompts
 from s2d.config import Profile, SamplingParams
 from s2d.engine import Engine, Request
 
@@ -78,15 +79,20 @@ def write_profile(config_path: Path, target: str, profile: Profile):
 
 def cmd_tune(a):
     from s2d.config import load_config
-    from s2d.demo import DEMO_DIR
+    from s2d.demo import DEMO_DIR, corpus_files
 
     path = DEMO_DIR / "demo.yaml" if a.config == "demo" else Path(a.config)
     cfg = load_config(path)
     engine = Engine.from_config(cfg)
     root = Path(sysconfig.get_paths()["stdlib"])
-    held = set((Path(cfg.base_dir) / "heldout_files.txt").read_text().split()) if (Path(cfg.base_dir) / "heldout_files.txt").exists() else set()
-    files = [f for f in sorted(root.glob("*.py")) if f.name not in held][:: 7]
+    listing = Path(cfg.base_dir) / "heldout_files.txt"
+    held = set(listing.read_text().split()) if listing.exists() else set()
+    files = [f for f in corpus_files(root) if f.relative_to(root).as_posix() not in held][::7]
     prompts = code_prompts(files, a.prompts, seed=123)
+    sb = find_spec_bench()
+    if sb:  # English prompts too, one per task, from the split the bench leaves out
+        fits = fits_context(engine, cfg.targets[0].name, a.max_tokens)
+        prompts += [q for qs in spec_bench_prompts(sb, 1, fits, seed=123, calibration=True).values() for q in qs]
     reports = []
     for target in a.target or [t.name for t in cfg.targets]:
         best, report = tune(engine, target, prompts, a.max_tokens)

@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import sysconfig
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
+from s2d.bench import find_spec_bench, spec_bench_prompts
+from s2d.demo import corpus_files
 from s2d.draft import SortedDraft, read_exits
 from s2d.train import TrainArgs, encode_document, pack, train
 
@@ -55,12 +59,33 @@ def test_chat_loss_mask_covers_only_assistant_tokens(smollm2):
     assert "Blue." in learned and "Green." in learned and "colour" not in learned and "Another" not in learned
 
 
+def test_corpus_skips_third_party_and_tests(tmp_path):
+    for rel in ("a.py", "pkg/b.py", "site-packages/x/c.py", "test/d.py", "pkg/tiny.py"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("x = 1\n" * (10 if rel.endswith("tiny.py") else 500))
+    assert [p.relative_to(tmp_path).as_posix() for p in corpus_files(tmp_path)] == ["a.py", "pkg/b.py"]
+
+
+def test_spec_bench_calibration_split_is_disjoint():
+    sb = find_spec_bench()
+    bench = {q for qs in spec_bench_prompts(sb, 1000).values() for q in qs}
+    calib = {q for qs in spec_bench_prompts(sb, 1000, calibration=True).values() for q in qs}
+    assert bench and calib and not bench & calib and len(bench) > 2 * len(calib)
+
+
 def test_build_demo_quick_then_bench_quick(tmp_path):
-    demo = tmp_path / "demo"
-    subprocess.run([sys.executable, "-m", "s2d.cli", "build-demo", "--quick", "--out", str(demo)], check=True,
-                   capture_output=True)
+    demo, docs = tmp_path / "demo", tmp_path / "docs"
+    docs.mkdir()
+    prose = (Path(__file__).parents[1] / "README.md").read_text()
+    for i in range(3):
+        (docs / f"page{i}.rst.txt").write_text(prose)
+    subprocess.run([sys.executable, "-m", "s2d.cli", "build-demo", "--quick", "--out", str(demo), "--docs", str(docs)],
+                   check=True, capture_output=True)
     assert {p.name for p in demo.iterdir()} >= {"demo-s", "demo-m", "demo-l", "demo-draft", "demo.yaml"}
-    assert "rebuild" in (demo / "demo-draft" / "README.md").read_text()
+    card = (demo / "demo-draft" / "README.md").read_text()
+    assert "rebuild" in card and "Python docs" in card
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    assert all((stdlib / name).exists() for name in (demo / "heldout_files.txt").read_text().split())
     out = tmp_path / "bench"
     subprocess.run([sys.executable, "-m", "s2d.cli", "bench", "--config", str(demo / "demo.yaml"), "--quick",
                     "--target", "demo-l", "--out", str(out)], check=True, capture_output=True)
