@@ -104,3 +104,30 @@ def test_cli_generate_json_s2d_equals_ar(family):
     assert runs["s2d"]["token_ids"] == runs["ar"]["token_ids"] and runs["s2d"]["text"] == runs["ar"]["text"]
     assert runs["s2d"]["stats"]["exit_histogram"] and runs["ar"]["stats"]["drafted"] == 0
     assert set(runs["s2d"]) >= {"text", "token_ids", "finish_reason", "stats"} and "mat" in runs["s2d"]["stats"]
+
+
+def test_tune_finds_a_profile_for_the_draft_and_writes_it(engine, family, tmp_path):
+    from s2d.tune import tune, write_profile
+
+    before = engine.frontends["large"].profile
+    try:
+        best, report = tune(engine, "large", ["def f(x):", "import json"], max_tokens=8, passes=0, log=lambda *_: None)
+    finally:
+        engine.set_profile("large", before)
+    assert len(best.thresholds) == len(engine.exits) and best.thresholds[-1] == 0.0
+    assert report["ar_tps"] > 0 and report["default_tps"] > 0 and report["tuned_tps"] > 0
+    path = tmp_path / "engine.yaml"
+    path.write_text(yaml.safe_dump(make_config(family).model_dump(mode="json")))
+    write_profile(path, "large", best)
+    assert load_config(path).target("large").profile == best
+
+
+def test_bundled_demo_family_s2d_equals_ar():
+    """The committed family as shipped (its config, tuned profiles and bf16): S2D and fixed exits
+    give the target's own greedy output."""
+    eng = Engine.from_config(load_config("demo"))
+    for target in ("demo-s", "demo-m", "demo-l"):
+        for prompt in ("def read_config(path):\n", "Explain what a hash table is."):
+            outs = {m: eng.generate([Request(target=target, prompt=prompt, params=greedy(40), mode=m)])[0]["token_ids"]
+                    for m in ("ar", "s2d", "fixed:2")}
+            assert outs["s2d"] == outs["ar"] == outs["fixed:2"], (target, prompt)
