@@ -70,10 +70,9 @@ def build_demo(out: str | Path = DEMO_DIR, corpus: str | Path | None = None, doc
     # the bench cuts its code-completion prompts from these (paths relative to the stdlib)
     (out / "heldout_files.txt").write_text("".join(f"{f.relative_to(corpus).as_posix()}\n" for f in held))
     fingerprint = {"recipe": recipe, "code_files": len(code), "doc_files": len(prose)}
-    if _read(out / "build.json").get("fingerprint") != fingerprint:  # another recipe or corpus: build anew
-        for name in (*TARGETS, "demo-draft"):
-            if not draft_only:
-                shutil.rmtree(out / name, ignore_errors=True)
+    if _read(out / "build.json").get("fingerprint") != fingerprint and not draft_only:
+        for name in (*TARGETS, "demo-draft"):  # another recipe or corpus: build anew
+            shutil.rmtree(out / name, ignore_errors=True)
     t0 = time.perf_counter()
     tok_dir = work / "tokenizer"
     texts = [f.read_text(errors="ignore") for f in code + prose]

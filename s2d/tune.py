@@ -20,8 +20,13 @@ STOPS = [0.0, 0.1, 0.2, 0.4]
 K_MAX = [2, 3, 4, 5, 6, 8]
 
 
-def run_seconds(engine: Engine, target: str, prompt: str, max_tokens: int, seed: int, mode: str = "s2d") -> tuple[int, float]:
+def run_seconds(engine: Engine, target: str, prompt: str, max_tokens: int, seed: int,
+                how: Profile | str = "s2d") -> tuple[int, float]:
+    """Tokens and seconds of one greedy generation: `how` is a mode, or a profile to run s2d with."""
     params = SamplingParams(max_tokens=max_tokens, seed=seed, ignore_eos=True)
+    mode = how if isinstance(how, str) else "s2d"
+    if isinstance(how, Profile):
+        engine.set_profile(target, how)
     t0 = time.perf_counter()
     n = len(engine.generate([Request(target=target, prompt=prompt, params=params, mode=mode)])[0]["token_ids"])
     return n, time.perf_counter() - t0
@@ -34,10 +39,7 @@ def paired_speedup(engine: Engine, target: str, prompts: list[str], max_tokens: 
     secs = {0: 0.0, 1: 0.0}
     for i, p in enumerate(prompts):
         for j in ((0, 1) if i % 2 == 0 else (1, 0)):
-            prof = (a, b)[j]
-            if isinstance(prof, Profile):
-                engine.set_profile(target, prof)
-            secs[j] += run_seconds(engine, target, p, max_tokens, i, prof if isinstance(prof, str) else "s2d")[1]
+            secs[j] += run_seconds(engine, target, p, max_tokens, i, (a, b)[j])[1]
     return secs[1] / secs[0]
 
 
@@ -74,10 +76,8 @@ def tune(engine: Engine, target: str, prompts: list[str], max_tokens: int = 48, 
     # the report: tokens/s of ar, the paper's default and the tuned profile, measured interleaved
     toks, secs = {"ar": 0, "default": 0, "tuned": 0}, {"ar": 0.0, "default": 0.0, "tuned": 0.0}
     for i, p in enumerate(prompts):
-        for name, prof in (("ar", "ar"), ("default", default), ("tuned", best))[:: 1 if i % 2 == 0 else -1]:
-            if isinstance(prof, Profile):
-                engine.set_profile(target, prof)
-            t, dt = run_seconds(engine, target, p, max_tokens, i, prof if isinstance(prof, str) else "s2d")
+        for name, how in (("ar", "ar"), ("default", default), ("tuned", best))[:: 1 if i % 2 == 0 else -1]:
+            t, dt = run_seconds(engine, target, p, max_tokens, i, how)
             toks[name] += t
             secs[name] += dt
     tps = {k: round(toks[k] / secs[k], 1) for k in toks}
