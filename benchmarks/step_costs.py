@@ -1,7 +1,7 @@
 """What one step costs: each target's decode (1 token) and verify (k+1 tokens) forward, and one
 drafted token through the shared draft to each exit. Median of --reps runs after warm-up.
 
-    python benchmarks/step_costs.py --config demo --context 200 --reps 50
+    python benchmarks/step_costs.py --config demo --context 200 --reps 50 [--dtype float32]
 """
 from __future__ import annotations
 
@@ -33,17 +33,19 @@ def main():
     ap.add_argument("--context", type=int, default=200, help="tokens already in the cache")
     ap.add_argument("--k", type=int, default=5, help="drafts verified per step")
     ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--dtype", default=None, help="run every model in this dtype instead of the config's")
     a = ap.parse_args()
     cfg = load_config(a.config)
+    for spec in (cfg.draft, *cfg.targets) if a.dtype else ():
+        spec.dtype = a.dtype
     n = a.context
-    print(f"context {n} tokens, median of {a.reps}\n\n| model | what | ms |\n|---|---|---|")
+    print(f"context {n} tokens, median of {a.reps}, dtype {a.dtype or 'as configured'}\n\n| model | what | ms |\n|---|---|---|")
     for t in cfg.targets:
         m = load_target(cfg, t.name)
         m(torch.zeros(1, n, dtype=torch.long), m.batch([0], [0], [n]))
         for T, what in ((1, "decode 1 token"), (a.k + 1, f"verify {a.k} drafts")):
             ms = median_ms(lambda: m.logits(m.run_layers(m.embed(torch.zeros(1, T, dtype=torch.long)), m.batch([0], [n], [T]))), a.reps)
             print(f"| {t.name} | {what} | {ms:.2f} |")
-        del m
     draft = load_draft(cfg)
     toks = [list(range(n + 1))]
     for s in range(len(draft.exits)):

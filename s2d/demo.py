@@ -153,8 +153,9 @@ def _prod(shape) -> int:
 def default_config() -> dict:
     return {
         # Targets in bf16, the weights' own precision: on a CPU with AVX512-BF16 a target verifies
-        # k+1 tokens in about the time of one (float32 took up to 40% longer) at the same decode
-        # cost. The tiny draft is bound by per-op overhead, which bf16 casts raise: float32.
+        # k+1 tokens in about the time of one and decodes no slower than in float32 (compare
+        # `benchmarks/step_costs.py --dtype float32` with the configured run). The tiny draft is
+        # bound by per-op overhead, which bf16 casts raise: float32.
         "draft": {"path": "demo-draft", "max_seqs": 32, "dtype": "float32"},
         "targets": [{"name": n, "path": n, "max_seqs": 32, "max_seq_len": 1024, "dtype": "bfloat16",
                      "profile": {"thresholds": [0.5, 0.5, 0.0], "k_max": 5, "stop_threshold": 0.0}} for n in TARGETS],

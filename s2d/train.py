@@ -186,12 +186,11 @@ def train(model_dir: str | Path, data: tuple[torch.Tensor, torch.Tensor], args: 
                         t_logits = teacher(input_ids=x[:, :-1]).logits
                 loss, per_exit = soft_loss(logits, x[:, 1:], m[:, 1:], t_logits, args.kd_weight)
                 acc.backward(loss)
-                if acc.sync_gradients:  # the last micro-batch of a step
+                if acc.sync_gradients:  # the last micro-batch of an optimizer step
                     acc.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()  # accelerate skips it on the other micro-batches
-                if acc.sync_gradients:
+                    opt.step()
                     sched.step()
-                opt.zero_grad()
+                    opt.zero_grad()
             seen += x.numel()
         tps = seen * acc.num_processes / (time.perf_counter() - t0)
         bar.set_postfix({f"exit{e}": f"{v:.3f}" for e, v in zip(exits, per_exit)} | {"tok/s": f"{tps:,.0f}"})

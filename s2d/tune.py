@@ -32,15 +32,23 @@ def run_seconds(engine: Engine, target: str, prompt: str, max_tokens: int, seed:
     return n, time.perf_counter() - t0
 
 
+def interleaved(engine: Engine, target: str, prompts: list[str], max_tokens: int,
+                hows: dict[str, Profile | str]) -> dict[str, tuple[int, float]]:
+    """Tokens and seconds of each way to run, summed over the prompts. Each prompt runs every way
+    back to back, in alternating order, so a slow drift or a busy spell of the machine hits all alike."""
+    out = {name: (0, 0.0) for name in hows}
+    for i, p in enumerate(prompts):
+        for name in list(hows)[:: 1 if i % 2 == 0 else -1]:
+            n, dt = run_seconds(engine, target, p, max_tokens, i, hows[name])
+            out[name] = (out[name][0] + n, out[name][1] + dt)
+    return out
+
+
 def paired_speedup(engine: Engine, target: str, prompts: list[str], max_tokens: int, a: Profile | str,
                    b: Profile | str) -> float:
-    """Time of b over time of a (> 1: a is faster). Each prompt runs a and b back to back, in
-    alternating order, so a slow drift or a busy spell of the machine hits both alike."""
-    secs = {0: 0.0, 1: 0.0}
-    for i, p in enumerate(prompts):
-        for j in ((0, 1) if i % 2 == 0 else (1, 0)):
-            secs[j] += run_seconds(engine, target, p, max_tokens, i, (a, b)[j])[1]
-    return secs[1] / secs[0]
+    """Time of b over time of a (> 1: a is faster), measured interleaved."""
+    r = interleaved(engine, target, prompts, max_tokens, {"a": a, "b": b})
+    return r["b"][1] / r["a"][1]
 
 
 def tune(engine: Engine, target: str, prompts: list[str], max_tokens: int = 48, passes: int = 2,
@@ -74,13 +82,8 @@ def tune(engine: Engine, target: str, prompts: list[str], max_tokens: int = 48, 
                     best = cand
                     log(f"  {knob}={v}: x{r:.2f}  <- best {best.model_dump()}")
     # the report: tokens/s of ar, the paper's default and the tuned profile, measured interleaved
-    toks, secs = {"ar": 0, "default": 0, "tuned": 0}, {"ar": 0.0, "default": 0.0, "tuned": 0.0}
-    for i, p in enumerate(prompts):
-        for name, how in (("ar", "ar"), ("default", default), ("tuned", best))[:: 1 if i % 2 == 0 else -1]:
-            t, dt = run_seconds(engine, target, p, max_tokens, i, how)
-            toks[name] += t
-            secs[name] += dt
-    tps = {k: round(toks[k] / secs[k], 1) for k in toks}
+    r = interleaved(engine, target, prompts, max_tokens, {"ar": "ar", "default": default, "tuned": best})
+    tps = {k: round(n / secs, 1) for k, (n, secs) in r.items()}
     report = {"target": target, "ar_tps": tps["ar"], "default_tps": tps["default"], "tuned_tps": tps["tuned"],
               "profile": best.model_dump()}
     log(f"{target}: ar {tps['ar']} tok/s, paper default {tps['default']}, tuned {tps['tuned']}")
