@@ -1,7 +1,7 @@
 """What one step costs: each target's decode (1 token) and verify (k+1 tokens) forward, and one
 drafted token through the shared draft to each exit. Median of --reps runs after warm-up.
 
-    python benchmarks/step_costs.py --config demo --context 200 --reps 50 [--dtype float32]
+    python benchmarks/step_costs.py --config demo --context 200 --reps 50 [--dtype float32] [--device cuda]
 """
 from __future__ import annotations
 
@@ -16,12 +16,15 @@ from s2d.engine import load_draft, load_target
 
 
 def median_ms(fn, reps: int) -> float:
+    sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)  # GPU work is asynchronous
     for _ in range(5):
         fn()
     times = []
     for _ in range(reps):
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return 1000 * statistics.median(times)
 
@@ -34,12 +37,14 @@ def main():
     ap.add_argument("--k", type=int, default=5, help="drafts verified per step")
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--dtype", default=None, help="run every model in this dtype instead of the config's")
+    ap.add_argument("--device", default=None, help="put every model on this device (e.g. cuda)")
     a = ap.parse_args()
     cfg = load_config(a.config)
+    cfg = cfg.on_device(a.device) if a.device else cfg
     for spec in (cfg.draft, *cfg.targets) if a.dtype else ():
         spec.dtype = a.dtype
     n = a.context
-    print(f"context {n} tokens, median of {a.reps}, dtype {a.dtype or 'as configured'}\n\n| model | what | ms |\n|---|---|---|")
+    print(f"context {n} tokens, median of {a.reps}, dtype {a.dtype or 'as configured'}, device {a.device or 'as configured'}\n\n| model | what | ms |\n|---|---|---|")
     for t in cfg.targets:
         m = load_target(cfg, t.name)
         m(torch.zeros(1, n, dtype=torch.long), m.batch([0], [0], [n]))

@@ -105,7 +105,7 @@ def cmd_tune(a):
 
     path = DEMO_DIR / "demo.yaml" if a.config == "demo" else Path(a.config)
     cfg = load_config(path)
-    engine = Engine.from_config(cfg)
+    engine = Engine.from_config(cfg.on_device(a.device) if a.device else cfg)
     root = Path(sysconfig.get_paths()["stdlib"])
     listing = Path(cfg.base_dir) / "heldout_files.txt"
     held = set(listing.read_text().split()) if listing.exists() else set()
@@ -132,4 +132,5 @@ def add_cli(sub):
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--passes", type=int, default=2, help="rounds of the coordinate search")
     p.add_argument("--dry-run", action="store_true", help="report only, leave the config as it is")
+    p.add_argument("--device", default=None, help="tune for this device (e.g. cuda): the best profile differs per device")
     p.set_defaults(fn=cmd_tune)

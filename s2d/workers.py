@@ -88,7 +88,7 @@ class Proposer(Worker):
         work = [list(it.tokens) for it in items]
         out = [Proposal() for _ in items]
         qs: list[list[torch.Tensor]] = [[] for _ in items]
-        gens = [None if it.params.greedy else generator(it.seed) for it in items]
+        gens = [None if it.params.greedy else generator(it.seed, self.draft.lm.last_device) for it in items]
         active = [i for i, it in enumerate(items) if it.k > 0]
         self.batch_sizes.append(len(active))
         last = len(self.exits) - 1
@@ -147,7 +147,8 @@ class Verifier(Worker):
             if it.params.greedy:
                 toks = verify_greedy(it.drafts, lg)
             else:
-                toks = verify_sampled(it.drafts, it.q, probs_from_logits(lg, it.params), generator(it.seed))
+                toks = verify_sampled(it.drafts, it.q, probs_from_logits(lg, it.params),
+                                      generator(it.seed, lg.device))
             accepted = len(toks) - 1
             self.table.tokens[it.seq_id] = (it.tokens + it.drafts)[: len(it.tokens) + accepted]
             verdicts.append(Verdict(toks, accepted))

@@ -123,7 +123,7 @@ def test_tune_finds_a_profile_for_the_draft_and_writes_it(engine, family, tmp_pa
 
 
 def test_bundled_demo_family_s2d_equals_ar():
-    """The committed family as shipped (its config, tuned profiles and bf16): S2D and fixed exits
+    """The committed family as shipped (its config, tuned profiles and dtypes): S2D and fixed exits
     give the target's own greedy output."""
     eng = Engine.from_config(load_config("demo"))
     for target in ("demo-s", "demo-m", "demo-l"):

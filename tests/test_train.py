@@ -79,11 +79,13 @@ def test_build_demo_quick_then_bench_quick(tmp_path):
     prose = (Path(__file__).parents[1] / "README.md").read_text()
     for i in range(3):
         (docs / f"page{i}.rst.txt").write_text(prose)
-    subprocess.run([sys.executable, "-m", "s2d.cli", "build-demo", "--quick", "--out", str(demo), "--docs", str(docs)],
-                   check=True, capture_output=True)
+    # the GPU recipe's code path (bf16 autocast, held-out loss at intervals) runs on CPU too
+    subprocess.run([sys.executable, "-m", "s2d.cli", "build-demo", "--quick", "--recipe", "gpu", "--out", str(demo),
+                    "--docs", str(docs)], check=True, capture_output=True)
     assert {p.name for p in demo.iterdir()} >= {"demo-s", "demo-m", "demo-l", "demo-draft", "demo.yaml"}
     card = (demo / "demo-draft" / "README.md").read_text()
-    assert "rebuild" in card and "Python docs" in card
+    assert "build-demo --quick --recipe gpu" in card and "Python docs" in card and "bf16 autocast" in card
+    assert set(json.loads((demo / "build.json").read_text())["models"]["demo-draft"]["heldout_loss"]) == {"1", "2", "3"}
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     assert all((stdlib / name).exists() for name in (demo / "heldout_files.txt").read_text().split())
     out = tmp_path / "bench"
