@@ -39,8 +39,7 @@ def main():
     ap.add_argument("--dtype", default=None, help="run every model in this dtype instead of the config's")
     ap.add_argument("--device", default=None, help="put every model on this device (e.g. cuda)")
     a = ap.parse_args()
-    cfg = load_config(a.config)
-    cfg = cfg.on_device(a.device) if a.device else cfg
+    cfg = load_config(a.config).on_device(a.device)
     for spec in (cfg.draft, *cfg.targets) if a.dtype else ():
         spec.dtype = a.dtype
     n = a.context

@@ -23,9 +23,7 @@ def _options(spec: ModelSpec) -> dict:
 
 def build_app(args: dict):
     """`args`: {config: PATH or 'demo', device: optional device for every model}."""
-    cfg: EngineConfig = load_config(args.get("config", "demo"))
-    if args.get("device"):
-        cfg = cfg.on_device(args["device"])
+    cfg: EngineConfig = load_config(args.get("config", "demo")).on_device(args.get("device") or None)
     data = cfg.model_dump()
     draft = DraftDeployment.options(name="draft", **_options(cfg.draft)).bind(data)
     targets = {t.name: TargetDeployment.options(name=f"target-{t.name}", **_options(t)).bind(data, t.name)

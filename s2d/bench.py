@@ -203,9 +203,7 @@ def plots(summary: list[dict], out: Path) -> list[str]:
 def cmd_bench(a):
     from s2d.config import Profile, load_config
 
-    cfg = load_config(a.config)
-    if a.device:
-        cfg = cfg.on_device(a.device)
+    cfg = load_config(a.config).on_device(a.device)
     engine = Engine.from_config(cfg)
     if a.paper_profile:
         for t in cfg.targets:

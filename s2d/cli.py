@@ -27,7 +27,7 @@ def _config_from_args(a):
         a.target = a.target or "target"
     else:
         raise SystemExit("give --config FILE, or --target-path DIR and --draft-path DIR")
-    return cfg.on_device(a.device) if a.device else cfg
+    return cfg.on_device(a.device)
 
 
 def cmd_generate(a):

@@ -128,8 +128,10 @@ class EngineConfig(Strict):
             p = Path(self.base_dir) / p
         return str(p)
 
-    def on_device(self, device: str) -> "EngineConfig":
-        """The same config with every model on one device (CLI --device)."""
+    def on_device(self, device: str | None) -> "EngineConfig":
+        """The same config with every model on one device (CLI --device); itself when device is None."""
+        if device is None:
+            return self
         cfg = self.model_copy(deep=True)
         for m in [cfg.draft, *cfg.targets]:
             m.device, m.devices = device, None

@@ -64,8 +64,8 @@ def build_demo(out: str | Path = DEMO_DIR, corpus: str | Path | None = None, doc
 
     recipe = {**RECIPE, **(GPU if recipe_name == "gpu" else {}), **(QUICK if quick else {})}
     out, work = Path(out), Path(out) / ".work"
-    rebuild = ("s2d build-demo" + (" --quick" if quick else "") + (" --recipe gpu" if recipe_name == "gpu" else "") + (f" --corpus {corpus}" if corpus else "")
-               + (" --docs <python3.11-doc>/usr/share/doc/python3.11/html/_sources" if docs else ""))
+    rebuild = ("s2d build-demo" + (" --quick" if quick else "") + (" --recipe gpu" if recipe_name == "gpu" else "")
+               + (f" --corpus {corpus}" if corpus else "") + (" --docs <python3.11-doc>/usr/share/doc/python3.11/html/_sources" if docs else ""))
     corpus = Path(corpus or sysconfig.get_paths()["stdlib"])
     code, held = split_files(corpus_files(corpus, limit=recipe.get("files")), recipe["heldout_fraction"], recipe["seed"])
     prose, held_prose = split_files(corpus_files(Path(docs), "*.txt", recipe.get("files")), recipe["heldout_fraction"],

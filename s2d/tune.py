@@ -105,7 +105,7 @@ def cmd_tune(a):
 
     path = DEMO_DIR / "demo.yaml" if a.config == "demo" else Path(a.config)
     cfg = load_config(path)
-    engine = Engine.from_config(cfg.on_device(a.device) if a.device else cfg)
+    engine = Engine.from_config(cfg.on_device(a.device))
     root = Path(sysconfig.get_paths()["stdlib"])
     listing = Path(cfg.base_dir) / "heldout_files.txt"
     held = set(listing.read_text().split()) if listing.exists() else set()
