@@ -40,8 +40,9 @@ def main():
     ap.add_argument("--device", default=None, help="put every model on this device (e.g. cuda)")
     a = ap.parse_args()
     cfg = load_config(a.config).on_device(a.device)
-    for spec in (cfg.draft, *cfg.targets) if a.dtype else ():
-        spec.dtype = a.dtype
+    if a.dtype:
+        for spec in (cfg.draft, *cfg.targets):
+            spec.dtype = a.dtype
     n = a.context
     print(f"context {n} tokens, median of {a.reps}, dtype {a.dtype or 'as configured'}, device {a.device or 'as configured'}\n\n| model | what | ms |\n|---|---|---|")
     for t in cfg.targets:

@@ -65,7 +65,8 @@ def build_demo(out: str | Path = DEMO_DIR, corpus: str | Path | None = None, doc
     recipe = {**RECIPE, **(GPU if recipe_name == "gpu" else {}), **(QUICK if quick else {})}
     out, work = Path(out), Path(out) / ".work"
     rebuild = ("s2d build-demo" + (" --quick" if quick else "") + (" --recipe gpu" if recipe_name == "gpu" else "")
-               + (f" --corpus {corpus}" if corpus else "") + (" --docs <python3.11-doc>/usr/share/doc/python3.11/html/_sources" if docs else ""))
+               + (f" --corpus {corpus}" if corpus else "")
+               + (" --docs <python3.11-doc>/usr/share/doc/python3.11/html/_sources" if docs else ""))
     corpus = Path(corpus or sysconfig.get_paths()["stdlib"])
     code, held = split_files(corpus_files(corpus, limit=recipe.get("files")), recipe["heldout_fraction"], recipe["seed"])
     prose, held_prose = split_files(corpus_files(Path(docs), "*.txt", recipe.get("files")), recipe["heldout_fraction"],
@@ -166,9 +167,10 @@ def _prod(shape) -> int:
 
 def default_config() -> dict:
     return {
-        # float32 although bf16 verifies faster on CPUs with AVX512-BF16 (`benchmarks/step_costs.py
-        # --dtype bfloat16`): in bf16 a (k+1)-token verify and a 1-token decode round differently, and
-        # at near-ties greedy S2D then leaves the target's own bf16 greedy output.
+        # float32 on every device, also where `auto` would pick bf16: in bf16 a (k+1)-token verify and
+        # a 1-token decode round differently, and at near-ties greedy S2D then leaves the target's own
+        # greedy output. On this project's CPU bf16 was no faster anyway (`benchmarks/step_costs.py
+        # --dtype bfloat16` against the configured run).
         "draft": {"path": "demo-draft", "max_seqs": 32, "dtype": "float32"},
         "targets": [{"name": n, "path": n, "max_seqs": 32, "max_seq_len": 1024, "dtype": "float32",
                      "profile": {"thresholds": [0.5, 0.5, 0.0], "k_max": 5, "stop_threshold": 0.0}} for n in TARGETS],
