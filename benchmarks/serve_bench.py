@@ -1,30 +1,42 @@
-"""Tokens/s at concurrency 1, 8 and 32: the in-process engine against the same config served by
-Ray Serve and called over gRPC on 127.0.0.1. A benchmark, not a test.
+"""Served against in-process, in one run: tokens/s of the in-process engine and of the same config
+served by Ray Serve (one cell, gRPC on 127.0.0.1) with pipelining on and off, for demo-l alone and
+the three targets mixed, modes ar and s2d, at several concurrencies; plus the draft's and the
+targets' busy fractions in the cell. A benchmark, not a test.
 
-    python benchmarks/serve_bench.py --config demo --target demo-l --requests 32 --max-tokens 32
+    python benchmarks/serve_bench.py --config demo [--max-tokens 32] [--concurrency 1,8,32] [--out runs/serve]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from deployments.local import serve_locally, shutdown
+import yaml
+
+from deployments.local import deploy, serve_locally, shutdown
 from s2d.bench import code_prompts, heldout_code
 from s2d.client import S2DClient
 from s2d.config import SamplingParams, load_config
 from s2d.engine import Engine, Request
 
+WORKLOADS = {"demo-l": ["demo-l"], "mixed": ["demo-s", "demo-m", "demo-l"]}
 
-def in_process(engine: Engine, target, prompts, concurrency, max_tokens, mode) -> float:
+
+def jobs(prompts: list[str], targets: list[str], n: int) -> list[tuple[str, str]]:
+    return [(targets[i % len(targets)], prompts[i % len(prompts)]) for i in range(n)]
+
+
+def in_process(engine: Engine, work, concurrency: int, max_tokens: int, mode: str) -> float:
     """Continuous batching with at most `concurrency` requests live."""
-    queue = list(prompts)
+    queue = list(work)
     live, tokens, t0 = set(), 0, time.perf_counter()
     while queue or live:
         while queue and len(live) < concurrency:
-            live.add(engine.add_request(Request(target=target, prompt=queue.pop(),
-                                                params=SamplingParams(max_tokens=max_tokens, ignore_eos=True), mode=mode)))
+            target, prompt = queue.pop()
+            live.add(engine.add_request(Request(target=target, prompt=prompt, mode=mode,
+                                                params=SamplingParams(max_tokens=max_tokens, ignore_eos=True))))
         for d in engine.step():
             tokens += len(d.token_ids)
             if d.finished:
@@ -32,41 +44,96 @@ def in_process(engine: Engine, target, prompts, concurrency, max_tokens, mode) -
     return tokens / (time.perf_counter() - t0)
 
 
-def over_grpc(client, target, prompts, concurrency, max_tokens, mode) -> float:
+def served(client: S2DClient, work, concurrency: int, max_tokens: int, mode: str) -> float:
+    """`concurrency` clients, each sending its requests one after another."""
     t0 = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        rs = list(pool.map(lambda p: client.generate(target, p, max_tokens=max_tokens, mode=mode), prompts))
+        rs = list(pool.map(lambda tp: client.generate(tp[0], tp[1], max_tokens=max_tokens, mode=mode), work))
     return sum(len(r.token_ids) for r in rs) / (time.perf_counter() - t0)
+
+
+def cell_stats() -> dict:
+    from ray import serve
+
+    return serve.get_app_handle("s2d").cell_stats.remote().result()["main"]
+
+
+def reset_cell_stats():
+    from ray import serve
+
+    serve.get_deployment_handle("cell-main", "s2d").reset_stats.remote().result()
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="demo")
-    ap.add_argument("--target", default="demo-l")
-    ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--mode", default="s2d")
     ap.add_argument("--concurrency", default="1,8,32")
+    ap.add_argument("--modes", default="ar,s2d")
+    ap.add_argument("--workloads", default="demo-l,mixed")
+    ap.add_argument("--out", default=None, help="folder for results.json and results.md")
     a = ap.parse_args()
     cfg = load_config(a.config)
-    prompts = heldout_code(Path(cfg.base_dir), a.requests) or code_prompts([Path(__file__)], a.requests)
-    prompts = (prompts * a.requests)[: a.requests]
     levels = [int(c) for c in a.concurrency.split(",")]
+    modes, workloads = a.modes.split(","), a.workloads.split(",")
+    prompts = heldout_code(Path(cfg.base_dir), 64) or code_prompts([Path(__file__)], 64)
+    n_of = {c: max(8, 2 * c) for c in levels}  # requests per run
+    cases = [(w, m, c) for w in workloads for m in modes for c in levels]
+    rows = {case: {} for case in cases}
 
     engine = Engine.from_config(cfg)
-    in_process(engine, a.target, prompts[:2], 2, 8, a.mode)  # warm-up
-    local = {c: in_process(engine, a.target, prompts, c, a.max_tokens, a.mode) for c in levels}
+    in_process(engine, jobs(prompts, WORKLOADS[workloads[0]], 2), 2, 8, "s2d")  # warm-up
+    for w, m, c in cases:
+        rows[w, m, c]["in-process"] = in_process(engine, jobs(prompts, WORKLOADS[w], n_of[c]), c, a.max_tokens, m)
+        print(w, m, c, "in-process", round(rows[w, m, c]["in-process"], 1), flush=True)
     del engine
 
-    client = S2DClient(serve_locally(a.config), timeout=600)
-    over_grpc(client, a.target, prompts[:2], 2, 8, a.mode)  # warm-up
-    remote = {c: over_grpc(client, a.target, prompts, c, a.max_tokens, a.mode) for c in levels}
+    address = None
+    for pipeline in (False, True):
+        data = cfg.model_dump()
+        for cell in data["cells"]:
+            cell["pipeline"] = pipeline
+        path = Path(f"/tmp/s2d-serve-bench-{pipeline}.yaml")
+        path.write_text(yaml.safe_dump(data))
+        if address is None:
+            address = serve_locally(str(path))
+        else:
+            deploy(str(path))
+        client = S2DClient(address, timeout=600)
+        served(client, jobs(prompts, WORKLOADS[workloads[0]], 2), 2, 8, "s2d")  # warm-up
+        key = "served, pipelined" if pipeline else "served"
+        for w, m, c in cases:
+            reset_cell_stats()
+            rows[w, m, c][key] = served(client, jobs(prompts, WORKLOADS[w], n_of[c]), c, a.max_tokens, m)
+            rows[w, m, c][key + " busy"] = cell_stats()["busy_fraction"]
+            print(w, m, c, key, round(rows[w, m, c][key], 1), rows[w, m, c][key + " busy"], flush=True)
+        client.close()
     shutdown()
 
-    print(f"\n{a.mode}, {a.target}, {a.requests} requests x {a.max_tokens} tokens, greedy\n")
-    print("| concurrency | in-process tok/s | gRPC via Ray Serve tok/s |\n|---|---|---|")
-    for c in levels:
-        print(f"| {c} | {local[c]:.1f} | {remote[c]:.1f} |")
+    md = [f"{a.max_tokens} new tokens per request, greedy, held-out code prompts; requests per run: "
+          f"{', '.join(f'{n_of[c]} at concurrency {c}' for c in levels)}\n",
+          "| workload | mode | concurrency | in-process tok/s | served tok/s | served/in-process | served, pipelined tok/s "
+          "| pipelined/in-process | pipelined/unpipelined | busy draft / targets (off -> on) |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
+    for (w, m, c), r in rows.items():
+        ip, off, on = r["in-process"], r["served"], r["served, pipelined"]
+        busy = "; ".join(f"{k} {r['served busy'][k]:.2f} -> {r['served, pipelined busy'][k]:.2f}"
+                         for k in r["served busy"] if k == "draft" or k in WORKLOADS[w])
+        md.append(f"| {w} | {m} | {c} | {ip:.1f} | {off:.1f} | {off / ip:.2f} | {on:.1f} | {on / ip:.2f} | {on / off:.2f} | {busy} |")
+    md += ["", "| workload | concurrency | s2d/ar in-process | s2d/ar served | s2d/ar served, pipelined |", "|---|---|---|---|---|"]
+    if "ar" in modes and "s2d" in modes:
+        for w in workloads:
+            for c in levels:
+                s, r = rows[w, "s2d", c], rows[w, "ar", c]
+                md.append(f"| {w} | {c} | {s['in-process'] / r['in-process']:.2f} | {s['served'] / r['served']:.2f} "
+                          f"| {s['served, pipelined'] / r['served, pipelined']:.2f} |")
+    print("\n" + "\n".join(md))
+    if a.out:
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.md").write_text("\n".join(md) + "\n")
+        (out / "results.json").write_text(json.dumps([{"workload": w, "mode": m, "concurrency": c, **r}
+                                                      for (w, m, c), r in rows.items()], indent=1))
 
 
 if __name__ == "__main__":

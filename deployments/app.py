@@ -1,23 +1,24 @@
 """The app builder that serve_config.yaml names: reads the engine config (a YAML path, or 'demo')
-and wires one shared draft deployment, one deployment per target, and the gRPC router."""
+and wires one Cell deployment per configured cell (each a placement group holding the shared
+draft and its targets) behind the thin gRPC ingress."""
 from __future__ import annotations
 
-from ray.serve.config import RequestRouterConfig
-
+from deployments.cell import Cell
+from deployments.executor import cell_bundles
 from deployments.router import S2DRouter
-from deployments.workers import DraftDeployment, TargetDeployment
-from s2d.config import EngineConfig, ModelSpec, load_config
+from s2d.config import CellSpec, EngineConfig, load_config
 
 
-def _options(spec: ModelSpec) -> dict:
-    opts = {"ray_actor_options": {"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus},
-            "max_ongoing_requests": max(2 * spec.max_seqs, 8),
-            "request_router_config": RequestRouterConfig(
-                request_router_class="deployments.affinity:SequenceAffinityRouter")}
-    if spec.autoscaling:
-        opts["autoscaling_config"] = spec.autoscaling
+def _options(cfg: EngineConfig, cell: CellSpec) -> dict:
+    bundles = cell_bundles(cfg, cell.name)
+    # past the slots and the queue the scheduler refuses (RESOURCE_EXHAUSTED): Serve must not queue first
+    live = sum(cfg.target(t).max_seqs for t in cell.targets) + cfg.limits.max_waiting + 16
+    opts = {"ray_actor_options": {"num_cpus": bundles[0]["CPU"]}, "placement_group_bundles": bundles,
+            "placement_group_strategy": "PACK", "max_ongoing_requests": live}
+    if cell.autoscaling:
+        opts["autoscaling_config"] = cell.autoscaling
     else:
-        opts["num_replicas"] = spec.num_replicas
+        opts["num_replicas"] = cell.num_replicas
     return opts
 
 
@@ -25,8 +26,7 @@ def build_app(args: dict):
     """`args`: {config: PATH or 'demo', device: optional device for every model}."""
     cfg: EngineConfig = load_config(args.get("config", "demo")).on_device(args.get("device") or None)
     data = cfg.model_dump()
-    draft = DraftDeployment.options(name="draft", **_options(cfg.draft)).bind(data)
-    targets = {t.name: TargetDeployment.options(name=f"target-{t.name}", **_options(t)).bind(data, t.name)
-               for t in cfg.targets}
+    cells = {c.name: Cell.options(name=f"cell-{c.name}", **_options(cfg, c)).bind(data, c.name) for c in cfg.cells}
+    live = sum(_options(cfg, c)["max_ongoing_requests"] for c in cfg.cells)
     return S2DRouter.options(name="router", ray_actor_options={"num_cpus": 0},
-                             max_ongoing_requests=cfg.limits.max_waiting + 16).bind(data, draft, targets)
+                             max_ongoing_requests=live).bind(data, cells)

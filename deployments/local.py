@@ -26,14 +26,21 @@ def serve_locally(config: str, num_cpus: int | None = None) -> str:
     import ray
     from ray import serve
 
-    from deployments.app import build_app
-
     port = free_port()
     ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": free_port()},
                 grpc_options={"port": port, "grpc_servicer_functions": ["s2d.proto.s2d_pb2_grpc.add_S2DServicer_to_server"]})
-    serve.run(build_app({"config": config}), name="s2d", route_prefix="/")
+    deploy(config)
     return f"127.0.0.1:{port}"
+
+
+def deploy(config: str):
+    """Deploy (or redeploy) the app for `config` on the running local Serve instance."""
+    from ray import serve
+
+    from deployments.app import build_app
+
+    serve.run(build_app({"config": config}), name="s2d", route_prefix="/")
 
 
 def shutdown():

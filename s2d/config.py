@@ -76,11 +76,10 @@ class ModelSpec(Strict):
     max_seqs: int = Field(8, ge=1)  # KV-cache slots
     max_seq_len: int | None = Field(None, ge=8)  # default: min(model context, 2048)
     trust_remote_code: bool = False
-    # Ray Serve knobs, read only by deployments/: replicas, resources per replica, autoscaling.
-    num_replicas: int = Field(1, ge=1)
+    # Read only by deployments/: the model's bundle in its cell's placement group. Torch threads:
+    # num_cpus where >= 1, else every core.
     num_gpus: float = Field(0.0, ge=0)
     num_cpus: float = Field(0.0, ge=0)
-    autoscaling: dict | None = None
 
     @property
     def placement(self) -> list[str]:
@@ -101,9 +100,22 @@ class Limits(Strict):
     max_waiting: int = Field(256, ge=1)  # queued requests before the engine refuses (overload)
 
 
+class CellSpec(Strict):
+    """A serving cell (Ray Serve replica): the shared draft and the targets it hosts in one
+    placement group, driven by one scheduler. Each cell loads the one draft."""
+
+    name: str = "main"
+    targets: list[str] | None = None  # default: every target
+    num_replicas: int = Field(1, ge=1)
+    autoscaling: dict | None = None  # Ray Serve autoscaling_config; replaces num_replicas
+    pipeline: bool = True  # two cohorts: the draft proposes for one while the targets verify the other
+    num_cpus: float = Field(0.0, ge=0)  # the cell's own process (scheduler, tokenizers)
+
+
 class EngineConfig(Strict):
     draft: DraftSpec
     targets: list[TargetSpec]
+    cells: list[CellSpec] = Field(default_factory=list)  # default: one cell with every target
     limits: Limits = Field(default_factory=Limits)
     base_dir: str | None = None  # relative model paths resolve against the YAML's folder
 
@@ -114,7 +126,23 @@ class EngineConfig(Strict):
         names = [t.name for t in self.targets]
         if len(set(names)) != len(names):
             raise ValueError(f"targets: duplicate target names in {names}")
+        if not self.cells:
+            self.cells = [CellSpec(targets=names)]
+        hosted = []
+        for c in self.cells:
+            c.targets = c.targets or names
+            unknown = set(c.targets) - set(names)
+            if unknown:
+                raise ValueError(f"cells.{c.name}: unknown targets {sorted(unknown)}; known: {names}")
+            hosted += c.targets
+        if sorted(hosted) != sorted(names):
+            raise ValueError(f"cells: every target must be in exactly one cell; cells host {hosted}, targets are {names}")
+        if len({c.name for c in self.cells}) != len(self.cells):
+            raise ValueError("cells: duplicate cell names")
         return self
+
+    def cell_of(self, target: str) -> CellSpec:
+        return next(c for c in self.cells if target in c.targets)
 
     def target(self, name: str) -> TargetSpec:
         for t in self.targets:

@@ -1,21 +1,18 @@
-"""The engine: one shared sorted draft, any number of named targets, continuous batching.
-
-A step drafts for every live sequence of every target in one proposer call (each with its
-target's thresholds), then verifies per target in one forward each."""
+"""The in-process engine: one shared sorted draft, any number of named targets, and the one
+scheduler (s2d/scheduler.py) over an in-process executor. The Ray serving cell runs the same
+scheduler over actors (deployments/cell.py)."""
 from __future__ import annotations
 
-import itertools
-import time
-from collections import deque
 from collections.abc import Iterator
 
 from s2d.config import EngineConfig, Limits, Profile, SamplingParams
 from s2d.draft import SortedDraft, read_exits
-from s2d.metrics import SpecStats
+from s2d.executor import InProcessExecutor
 from s2d.model import CausalLM, context_length, load_hf_config
+from s2d.scheduler import Scheduler
 from s2d.sequence import (Delta, DraftPlan, Overloaded, Request, RequestError, Sequence, UnknownTarget,
                           encode_prompt, eos_ids)
-from s2d.workers import Proposal, Proposer, Verifier
+from s2d.workers import Proposer, Verifier
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
@@ -49,7 +46,7 @@ class TargetFrontend:
         self.context = context
         DraftPlan.for_mode("s2d", spec.profile, exits)  # a profile that does not fit the draft fails at start
 
-    def sequence(self, seq_id: str, req: Request) -> Sequence:
+    def sequence(self, seq_id: str, req: Request, resume: list[int] = ()) -> Sequence:
         params = req.params
         if params.max_tokens > self.limits.max_new_tokens:
             raise RequestError("max_tokens", f"{params.max_tokens} exceeds the limit {self.limits.max_new_tokens}")
@@ -63,7 +60,7 @@ class TargetFrontend:
             raise RequestError("max_tokens", f"prompt ({len(ids)}) + max_tokens ({params.max_tokens}) exceeds "
                                f"the context ({self.context})")
         plan = DraftPlan.for_mode(req.mode, self.profile, self.exits)
-        return Sequence(seq_id, self.name, ids, params, plan, self.tokenizer, self.eos, self.context)
+        return Sequence(seq_id, self.name, ids, params, plan, self.tokenizer, self.eos, self.context, resume)
 
 
 def build_frontends(cfg: EngineConfig) -> dict[str, TargetFrontend]:
@@ -79,20 +76,23 @@ def build_frontends(cfg: EngineConfig) -> dict[str, TargetFrontend]:
     return out
 
 
+def check_vocab(draft_vocab: int, target_vocabs: dict[str, int]):
+    for n, v in target_vocabs.items():
+        if v != draft_vocab:
+            raise ValueError(f"targets.{n}: vocabulary {v} differs from the draft's {draft_vocab}")
+
+
 class Engine:
+    """The scheduler and the models in this process; `step()` runs one tick."""
+
     def __init__(self, cfg: EngineConfig, draft: SortedDraft, targets: dict[str, CausalLM]):
         self.cfg = cfg
+        check_vocab(draft.lm.cfg.vocab_size, {n: m.cfg.vocab_size for n, m in targets.items()})
         self.proposer = Proposer(draft)
         self.verifiers = {n: Verifier(m) for n, m in targets.items()}
-        vocab = draft.lm.cfg.vocab_size
-        for n, m in targets.items():
-            if m.cfg.vocab_size != vocab:
-                raise ValueError(f"targets.{n}: vocabulary {m.cfg.vocab_size} differs from the draft's {vocab}")
         self.frontends = build_frontends(cfg)
-        self.waiting: deque[Sequence] = deque()
-        self.running: dict[str, Sequence] = {}
-        self.finished_stats = SpecStats()
-        self._ids = itertools.count()
+        self.scheduler = Scheduler(self.frontends, cfg.limits, InProcessExecutor(self.proposer, self.verifiers),
+                                   draft.lm.n_slots, {n: m.n_slots for n, m in targets.items()})
 
     @classmethod
     def from_config(cls, cfg: EngineConfig) -> "Engine":
@@ -105,81 +105,40 @@ class Engine:
     def set_profile(self, target: str, profile: Profile):
         self.frontends[target].profile = profile
 
-    # -- requests ------------------------------------------------------------------------------
     def add_request(self, req: Request) -> str:
-        """Validate and queue a request; bad input raises RequestError naming the field."""
-        if req.target not in self.frontends:
-            raise UnknownTarget("target", f"unknown target {req.target!r}; known: {sorted(self.frontends)}")
-        if len(self.waiting) >= self.cfg.limits.max_waiting:
-            raise Overloaded(f"{len(self.waiting)} requests already wait")
-        seq_id = req.request_id or f"req-{next(self._ids)}"
-        if seq_id in self.running or any(s.seq_id == seq_id for s in self.waiting):
-            raise RequestError("request_id", f"{seq_id!r} is already live")
-        self.waiting.append(self.frontends[req.target].sequence(seq_id, req))
-        return seq_id
+        return self.scheduler.add(req).seq_id
 
     def abort(self, seq_id: str):
-        self.waiting = deque(s for s in self.waiting if s.seq_id != seq_id)
-        if seq_id in self.running:
-            self._free(self.running.pop(seq_id))
+        self.scheduler.abort(seq_id)
 
-    def _free(self, s: Sequence):
-        self.proposer.release(s.seq_id)
-        self.verifiers[s.target].release(s.seq_id)
+    def step(self) -> list[Delta]:
+        return self.scheduler.step()
 
-    def _admit(self):
-        for s in list(self.waiting):
-            live = sum(r.target == s.target for r in self.running.values())
-            if len(self.running) < self.proposer.draft.lm.n_slots and live < self.verifiers[s.target].lm.n_slots:
-                self.waiting.remove(s)
-                s.t0 = time.perf_counter()
-                self.running[s.seq_id] = s
+    @property
+    def running(self) -> dict[str, Sequence]:
+        return self.scheduler.running
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return self.scheduler.has_work
 
-    # -- one step ------------------------------------------------------------------------------
-    def step(self) -> list[Delta]:
-        self._admit()
-        seqs = list(self.running.values())
-        items = [s.propose_item() for s in seqs]
-        drafting = [i for i, it in enumerate(items) if it.k > 0]
-        proposals = [Proposal() for _ in seqs]
-        if drafting:
-            for i, p in zip(drafting, self.proposer.propose([items[i] for i in drafting])):
-                proposals[i] = p
-        verdicts = [None] * len(seqs)
-        for name, verifier in self.verifiers.items():
-            idx = [i for i, s in enumerate(seqs) if s.target == name]
-            if idx:
-                for i, v in zip(idx, verifier.verify([seqs[i].verify_item(proposals[i]) for i in idx])):
-                    verdicts[i] = v
-        deltas = []
-        for s, p, v in zip(seqs, proposals, verdicts):
-            deltas.append(s.accept(p, v))
-            if s.finished:
-                self._free(self.running.pop(s.seq_id))
-                self.finished_stats = self.finished_stats.merge(s.stats)
-        return deltas
+    @property
+    def finished_stats(self):
+        return self.scheduler.finished_stats
 
     # -- conveniences --------------------------------------------------------------------------
     def generate(self, requests: list[Request]) -> list[dict]:
         """Run requests to completion together; results in request order."""
-        seqs = {}
-        for r in requests:
-            sid = self.add_request(r)
-            seqs[sid] = next(s for s in self.waiting if s.seq_id == sid)
-        while any(not s.finished for s in seqs.values()):
+        seqs = [self.scheduler.add(r) for r in requests]
+        while any(not s.finished for s in seqs):
             self.step()
-        return [s.result() for s in seqs.values()]
+        return [s.result() for s in seqs]
 
     def stream(self, request: Request) -> Iterator[Delta]:
-        sid = self.add_request(request)
-        seq = self.waiting[-1]
+        seq = self.scheduler.add(request)
         while not seq.finished:
             for d in self.step():
-                if d.seq_id == sid:
+                if d.seq_id == seq.seq_id:
                     yield d
         self.last_result = seq.result()
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from s2d.config import Profile, SamplingParams
 from s2d.metrics import SpecStats
-from s2d.workers import ProposeItem, Proposal, Verdict, VerifyItem
+from s2d.executor import Outcome, Work
 
 
 class RequestError(ValueError):
@@ -108,20 +108,24 @@ class Delta:
     text: str
     finished: bool = False
     finish_reason: str | None = None
+    usage: dict | None = None  # on the last delta
+    stats: dict | None = None  # on the last delta
 
 
 class Sequence:
     def __init__(self, seq_id: str, target: str, prompt_ids: list[int], params: SamplingParams,
-                 plan: DraftPlan, tokenizer, eos: set[int], context: int):
+                 plan: DraftPlan, tokenizer, eos: set[int], context: int, resume: list[int] = ()):
         self.seq_id, self.target, self.params, self.plan = seq_id, target, params, plan
         self.prompt_ids = prompt_ids
-        self.out: list[int] = []
+        self.out: list[int] = list(resume)  # tokens a client already has (a request resent after a failure)
+        self.synced = 0  # the workers hold tokens[:synced]
         self.tokenizer, self.eos = tokenizer, set() if params.ignore_eos else eos
         self.context = context  # positions the caches hold
         self.seed = params.seed if params.seed is not None else random.getrandbits(62)
         self.round = 0
         self.stats = SpecStats()
-        self.text, self.sent = "", 0
+        self.text = tokenizer.decode(self.out, skip_special_tokens=True) if self.out else ""
+        self.sent = len(self.text) - self.text.endswith("\ufffd")  # what the client was sent
         self.finished, self.finish_reason = False, None
         self.t0 = time.perf_counter()
 
@@ -129,22 +133,26 @@ class Sequence:
     def tokens(self) -> list[int]:
         return self.prompt_ids + self.out
 
-    def propose_item(self) -> ProposeItem:
+    def work(self) -> Work:
+        """This sequence's share of the next tick: the tokens the workers have not seen, and how far to draft."""
+        tokens = self.tokens
         remaining = self.params.max_tokens - len(self.out)
-        room = self.context - len(self.tokens) - 1
+        room = self.context - len(tokens) - 1
         k = max(0, min(self.plan.k_max, remaining - 1, room))
-        return ProposeItem(self.seq_id, self.tokens, k, self.plan.thresholds, self.plan.stop_threshold,
-                           self.params, self.seed * 1_000_003 + 2 * self.round)
+        w = Work(self.seq_id, self.target, self.synced, tokens[self.synced:], k, self.plan.thresholds,
+                 self.plan.stop_threshold, self.params, self.seed * 1_000_003 + 2 * self.round)
+        self.synced = len(tokens)
+        return w
 
-    def verify_item(self, proposal: Proposal) -> VerifyItem:
-        return VerifyItem(self.seq_id, self.tokens, proposal.drafts, proposal.q, self.params,
-                          self.seed * 1_000_003 + 2 * self.round + 1)
-
-    def accept(self, proposal: Proposal, verdict: Verdict) -> Delta:
+    def accept(self, o: Outcome) -> Delta | None:
+        """Apply a tick's outcome; None when a worker asked for the full token list (sent next tick)."""
+        if o.resync:
+            self.synced = 0
+            return None
         self.round += 1
-        self.stats.record(len(proposal.drafts), verdict.accepted, len(verdict.tokens), proposal.exits)
+        self.stats.record(len(o.drafts), o.accepted, len(o.tokens), o.exits)
         new = []
-        for t in verdict.tokens:
+        for t in o.tokens:
             new.append(t)
             self.out.append(t)
             if t in self.eos:
@@ -161,14 +169,19 @@ class Sequence:
                 self._finish("stop")
         end = len(self.text) if self.finished or not self.text.endswith("\ufffd") else len(self.text) - 1
         delta, self.sent = self.text[self.sent:end], max(self.sent, end)
-        return Delta(self.seq_id, new, delta, self.finished, self.finish_reason)
+        if not self.finished:
+            return Delta(self.seq_id, new, delta)
+        return Delta(self.seq_id, new, delta, True, self.finish_reason, self.usage(), self.stats.to_dict())
 
     def _finish(self, reason: str):
         if not self.finished:
             self.finished, self.finish_reason = True, reason
             self.stats.wall_s = time.perf_counter() - self.t0
 
+    def usage(self) -> dict:
+        return {"prompt_tokens": len(self.prompt_ids), "completion_tokens": len(self.out)}
+
     def result(self) -> dict:
         return {"text": self.text, "token_ids": list(self.out), "finish_reason": self.finish_reason,
-                "usage": {"prompt_tokens": len(self.prompt_ids), "completion_tokens": len(self.out)},
+                "usage": self.usage(),
                 "stats": self.stats.to_dict()}

@@ -1,10 +1,10 @@
 """The two halves of a speculative step as stateful workers over a model's KV cache: the proposer
 (shared sorted draft, adaptive exits) and the verifier (one target, rejection sampling).
 
-Callers send each sequence's full token list; a worker reuses its cache up to the common prefix
+Each item carries a sequence's full token list; a worker reuses its cache up to the common prefix
 and prefills the rest. So the caller's token state is the only truth, rollback is implicit, and a
-worker that lost a sequence (restart, another replica) rebuilds it. The in-process engine and the
-Ray deployments call the same two methods."""
+worker that lost a sequence's cache rebuilds it. s2d/executor.py drives both in ticks, over the
+wire or in process."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -56,9 +56,17 @@ class Verdict:
 class Worker:
     def __init__(self, n_slots: int):
         self.table = SlotTable(n_slots)
+        self.known: dict[str, list[int]] = {}  # each live sequence's tokens as its scheduler sent them
+        self.batch_sizes: list[int] = []  # sizes of the batches served (for stats)
 
     def release(self, seq_id: str) -> bool:
+        self.known.pop(seq_id, None)
         return self.table.release(seq_id)
+
+    def stats(self) -> dict:
+        sizes = self.batch_sizes
+        return {"held": self.held, "batches": len(sizes), "max_batch": max(sizes, default=0),
+                "mean_batch": sum(sizes) / len(sizes) if sizes else 0.0, "evicted": self.table.evicted}
 
     def _sync(self, items, truncate) -> tuple[list[int], list[int]]:
         """Slot and reusable cached length of each item."""
@@ -80,7 +88,6 @@ class Proposer(Worker):
         super().__init__(draft.lm.n_slots)
         self.draft = draft
         self.exits = draft.exits
-        self.batch_sizes: list[int] = []  # sizes of propose batches served (for stats)
 
     @torch.inference_mode()
     def propose(self, items: list[ProposeItem]) -> list[Proposal]:
@@ -128,7 +135,6 @@ class Verifier(Worker):
     def __init__(self, lm: CausalLM):
         super().__init__(lm.n_slots)
         self.lm = lm
-        self.batch_sizes: list[int] = []
 
     @torch.inference_mode()
     def verify(self, items: list[VerifyItem]) -> list[Verdict]:

@@ -23,10 +23,26 @@ def test_rayservice_validates_against_the_kuberay_crd():
     assert serve == yaml.safe_load((ROOT / "cluster" / "serve_config.gpu.yaml").read_text())
 
 
-def test_gpu_engine_config_places_the_family():
+def test_gpu_engine_config_places_the_family_in_two_cells():
+    from deployments.executor import cell_bundles
+
     cfg = EngineConfig.model_validate(yaml.safe_load((ROOT / "cluster" / "engine.gpu.yaml").read_text()))
     big = cfg.target("llama-2-70b-chat")
     assert big.num_gpus == 4 and len(big.placement) == 4 and cfg.draft.num_gpus == 1
+    assert cfg.cell_of("llama-2-70b-chat").name == "70b" and cfg.cell_of("vicuna-7b").targets == ["vicuna-7b", "vicuna-13b"]
+    # the cell's own bundle, the draft's, each target's: every cell holds a draft
+    assert [b.get("GPU", 0) for b in cell_bundles(cfg, "family")] == [0, 1, 1, 1]
+    assert [b.get("GPU", 0) for b in cell_bundles(cfg, "70b")] == [0, 1, 4]
+
+
+def test_cells_default_to_one_and_must_cover_every_target_once():
+    base = {"draft": {"path": "d"}, "targets": [{"name": "a", "path": "x"}, {"name": "b", "path": "y"}]}
+    assert [(c.name, c.targets) for c in EngineConfig.model_validate(base).cells] == [("main", ["a", "b"])]
+    for cells, match in [([{"name": "c1", "targets": ["a"]}], "exactly one cell"),
+                         ([{"name": "c1", "targets": ["a", "zz"]}], "unknown targets"),
+                         ([{"name": "c1", "targets": ["a"]}, {"name": "c2", "targets": ["a", "b"]}], "exactly one cell")]:
+        with pytest.raises(ValueError, match=match):
+            EngineConfig.model_validate({**base, "cells": cells})
 
 
 def test_serve_config_names_the_app_builder_and_stubs():

@@ -1,5 +1,5 @@
 """The served product: a real local Ray cluster, Ray Serve's gRPC proxy on 127.0.0.1, real models.
-Two targets (one with two replicas) share one draft deployment."""
+Two targets share one draft in one cell with two replicas, behind the thin gRPC ingress."""
 from __future__ import annotations
 
 import threading
@@ -24,7 +24,7 @@ MAX_LIVE = 40
 @pytest.fixture(scope="module")
 def config(family, tmp_path_factory):
     cfg = make_config(family).model_dump()
-    cfg["targets"][0]["num_replicas"] = 2
+    cfg["cells"][0]["num_replicas"] = 2
     cfg["limits"]["max_waiting"] = MAX_LIVE
     path = tmp_path_factory.mktemp("serve") / "engine.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -49,8 +49,20 @@ def expected(family):
     return {(r.target, r.prompt): res for r, res in zip(reqs, eng.generate(reqs))}
 
 
-def replica_stats():
-    return serve.get_app_handle("s2d").replica_stats.remote().result()
+def cell_actors(role: str = "") -> dict[str, object]:
+    """Every live draft and target actor of every cell replica, by name (s2d/CELL/ID/ROLE/N)."""
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == "s2d"]
+    return {n: ray.get_actor(n, namespace="s2d") for n in names if f"/{role}" in n}
+
+
+def actor_stats() -> dict[str, dict]:
+    out = {}
+    for name, actor in cell_actors().items():
+        try:
+            out[name] = ray.get(actor.stats.remote(), timeout=10)
+        except ray.exceptions.RayActorError:  # killed by a test, not yet replaced
+            pass
+    return out
 
 
 def gen(client, target, prompt, **kw):
@@ -85,8 +97,8 @@ def test_32_concurrent_mixed_requests_batch_in_the_draft(server, expected):
         results = list(pool.map(lambda kv: gen(server, *kv[0]), jobs))
     for ((target, prompt), want), r in zip(jobs, results):
         assert list(r.token_ids) == want["token_ids"], (target, prompt)
-    stats = replica_stats()
-    assert stats["draft"]["max_batch"] > 1, stats
+    stats = actor_stats()
+    assert max(s["max_batch"] for n, s in stats.items() if "/draft/" in n) > 1, stats
 
 
 def test_errors_map_to_status_codes_and_the_server_keeps_serving(server, expected):
@@ -107,8 +119,8 @@ def test_errors_map_to_status_codes_and_the_server_keeps_serving(server, expecte
 def wait_until_freed(timeout=20.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        stats = replica_stats()
-        if all(s["held"] == 0 for s in stats.values()):
+        stats = actor_stats()
+        if stats and all(s["held"] == 0 for s in stats.values()):
             return stats
         time.sleep(0.25)
     raise AssertionError(f"sequences still held: {stats}")
@@ -136,13 +148,13 @@ def test_overload_is_refused_not_hung(server):
     wait_until_freed()
 
 
-def test_target_replica_killed_mid_stream(server, expected):
-    prompt = PROMPTS[0]
+def consume_while_killing(server, target, prompt, role: str):
+    """Stream a request slowly and kill, mid-stream, every actor (or cell replica) named by `role`."""
     got, errors = [], []
 
     def consume():
         try:
-            for c in server.stream("small", prompt, max_tokens=N, timeout=90):
+            for c in server.stream(target, prompt, max_tokens=N, timeout=90):
                 got.append(c)
                 time.sleep(0.15)  # a slow reader keeps the request in flight while we kill
         except grpc.RpcError as e:
@@ -153,12 +165,33 @@ def test_target_replica_killed_mid_stream(server, expected):
     t.start()
     while not got and time.monotonic() - start < 30:
         time.sleep(0.02)
-    for name in [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "target-small" in a["name"]]:
-        ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+    victims = cell_replicas() if role == "cell" else cell_actors(role)
+    assert victims, role
+    for actor in victims.values():
+        ray.kill(actor, no_restart=True)
     t.join(timeout=120)
     assert not t.is_alive(), "the request hung"
-    print("killed mid-stream:", "UNAVAILABLE" if errors else "completed", len(got), "chunks")
-    if errors:
-        assert errors == [grpc.StatusCode.UNAVAILABLE]
-    else:
-        assert sum((list(c.token_ids) for c in got), []) == expected["small", prompt]["token_ids"]
+    return got, errors
+
+
+def cell_replicas() -> dict[str, object]:
+    actors = ray.util.list_named_actors(all_namespaces=True)
+    return {a["name"]: ray.get_actor(a["name"], namespace=a["namespace"]) for a in actors
+            if "SERVE_REPLICA" in a["name"] and "cell-main" in a["name"]}
+
+
+@pytest.mark.parametrize("role", ["target-small", "draft", "cell"])
+def test_a_killed_actor_or_cell_replica_mid_stream_still_completes(server, expected, role):
+    prompt = PROMPTS[1]
+    got, errors = consume_while_killing(server, "small", prompt, role)
+    assert not errors, errors
+    assert sum((list(c.token_ids) for c in got), []) == expected["small", prompt]["token_ids"]
+    assert "".join(c.text for c in got) == expected["small", prompt]["text"] and got[-1].finished
+    wait_until_freed(60)
+
+
+def test_a_cancelled_request_frees_every_cache(server):
+    call = server.stub.GenerateStream(server.request("large", "def decode(s):", max_tokens=200, mode="ar"), timeout=60)
+    next(call)
+    call.cancel()
+    wait_until_freed()

@@ -1,0 +1,166 @@
+"""The Ray executor: a cell's draft and target actors in the cell's placement group, driven through
+a Ray Compiled Graph, input -> draft.propose -> every target's verify -> output. One execution
+carries a whole tick; with pipelining two executions are in flight, so the draft proposes for one
+cohort while the targets verify the other.
+
+If an actor dies, the executor replaces it in its bundle, recompiles and replays the ticks that
+were in flight. The new actor holds no sequence, so it answers `resync` and the scheduler resends
+those sequences' full token lists: their caches are rebuilt by prefill and the requests complete."""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass
+
+import ray
+from ray.dag import InputNode, MultiOutputNode
+from ray.util.placement_group import PlacementGroup
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from deployments.actors import DraftActor, TargetActor
+from s2d.config import EngineConfig, ModelSpec
+from s2d.engine import check_vocab
+from s2d.executor import Tick, Verified
+
+log = logging.getLogger("ray.serve")
+MAX_RECOVERIES = 3  # in a row, without a tick completing in between
+READY_TIMEOUT_S = 600.0  # loading a large model takes minutes
+ACTOR_NAMESPACE = "s2d"
+LOST = (ray.exceptions.RayActorError, ray.exceptions.RayChannelError)  # an actor of the graph died
+
+
+def bundle(spec: ModelSpec) -> dict:
+    """A model's bundle in its cell's placement group (a bundle needs some resource: 0.01 CPU at least)."""
+    b = {"CPU": max(spec.num_cpus, 0.01)}
+    if spec.num_gpus:
+        b["GPU"] = spec.num_gpus
+    return b
+
+
+def cell_bundles(cfg: EngineConfig, cell: str) -> list[dict]:
+    """[the cell's own process, the draft, each target in order]: the bundle indices actors use."""
+    spec = next(c for c in cfg.cells if c.name == cell)
+    return [{"CPU": max(spec.num_cpus, 0.01)}, bundle(cfg.draft)] + [bundle(cfg.target(t)) for t in spec.targets]
+
+
+@dataclass
+class Ticket:
+    tick: Tick
+    refs: list  # one CompiledDAGRef per target
+
+
+class RayExecutor:
+    def __init__(self, cfg: EngineConfig, cell: str, pipeline: bool, pg: PlacementGroup | None = None):
+        self.cfg, self.config = cfg, cfg.model_dump()
+        self.prefix = f"{cell}/{uuid.uuid4().hex[:8]}"  # actors are named s2d/CELL/ID/ROLE/N (operators, tests)
+        self.started = 0
+        self.names = next(c for c in cfg.cells if c.name == cell).targets
+        self.max_inflight = 2 if pipeline else 1
+        self.pg = pg if pg is not None else ray.util.get_current_placement_group()
+        self.pending: deque[Ticket] = deque()
+        self.recoveries = 0
+        self.busy = {"draft": 0.0, **{n: 0.0 for n in self.names}}
+        self.t_start = time.perf_counter()
+        self.draft = self._start(DraftActor, 1, "draft", self.cfg.draft, self.config)
+        self.targets = {n: self._start(TargetActor, 2 + i, f"target-{n}", self.cfg.target(n), self.config, n)
+                        for i, n in enumerate(self.names)}
+        self._wait_ready()
+        self._compile()
+
+    def _start(self, cls, index: int, role: str, spec: ModelSpec, *args):
+        self.started += 1
+        opts = {"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus, "max_concurrency": 2,
+                "name": f"{self.prefix}/{role}/{self.started}", "namespace": ACTOR_NAMESPACE}
+        if self.pg is not None:
+            opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=index)
+        return cls.options(**opts).remote(*args)
+
+    def _wait_ready(self):
+        ray.get([a.ready.remote() for a in self.actors()], timeout=READY_TIMEOUT_S)
+        vocabs = ray.get([a.vocab.remote() for a in self.actors()])
+        check_vocab(vocabs[0], dict(zip(self.names, vocabs[1:])))
+
+    def actors(self) -> list:
+        return [self.draft, *self.targets.values()]
+
+    def _compile(self):
+        with InputNode() as tick:
+            drafted = self.draft.propose.bind(tick)
+            dag = MultiOutputNode([self.targets[n].verify.bind(drafted) for n in self.names])
+        self.graph = dag.experimental_compile(_max_inflight_executions=self.max_inflight)
+
+    # -- the Executor interface ----------------------------------------------------------------
+    def submit(self, tick: Tick) -> Ticket:
+        ticket = Ticket(tick, None)
+        self.pending.append(ticket)
+        try:
+            ticket.refs = self.graph.execute(tick)
+        except LOST as e:  # the graph was torn down by an actor's death: result() recovers
+            ticket.refs = e
+        return ticket
+
+    def result(self, ticket: Ticket) -> list[Verified]:
+        while True:
+            try:
+                if isinstance(ticket.refs, Exception):
+                    raise ticket.refs
+                out = ray.get(ticket.refs)
+                break
+            except LOST as e:
+                self._recover(e)
+        assert self.pending.popleft() is ticket, "results are taken in submission order"
+        self.recoveries = 0
+        self.busy["draft"] += out[0].draft_busy_s
+        for v in out:
+            self.busy[v.target] += v.busy_s
+        return out
+
+    def stats(self) -> dict:
+        wall = time.perf_counter() - self.t_start
+        busy = {k: round(v / wall, 4) for k, v in self.busy.items()}
+        return {"busy_fraction": busy, **dict(zip(["draft", *self.names], ray.get([a.stats.remote() for a in self.actors()])))}
+
+    def reset_busy(self):
+        self.busy = {k: 0.0 for k in self.busy}
+        self.t_start = time.perf_counter()
+
+    def shutdown(self):
+        try:
+            self.graph.teardown()
+        finally:
+            for a in self.actors():
+                ray.kill(a)
+
+    # -- faults --------------------------------------------------------------------------------
+    def _recover(self, error: Exception):
+        """Replace dead actors, recompile, replay the ticks in flight."""
+        self.recoveries += 1
+        if self.recoveries > MAX_RECOVERIES:
+            raise RuntimeError(f"the cell's actors keep failing: {error}") from error
+        log.warning("cell actor lost (%s); replacing it and recompiling", type(error).__name__)
+        try:
+            self.graph.teardown()
+        except Exception as e:  # noqa: BLE001 - a graph with a dead actor may not tear down cleanly
+            log.warning("teardown: %s", e)
+        if not self._alive(self.draft):
+            self.draft = self._start(DraftActor, 1, "draft", self.cfg.draft, self.config)
+        for i, n in enumerate(self.names):
+            if not self._alive(self.targets[n]):
+                self.targets[n] = self._start(TargetActor, 2 + i, f"target-{n}", self.cfg.target(n), self.config, n)
+        self._wait_ready()
+        self._compile()
+        for ticket in self.pending:
+            try:
+                ticket.refs = self.graph.execute(ticket.tick)
+            except LOST as e:
+                ticket.refs = e
+
+    @staticmethod
+    def _alive(actor) -> bool:
+        try:
+            return ray.get(actor.ready.remote(), timeout=5)
+        except Exception:  # noqa: BLE001 - dead, dying or hung: replace it
+            ray.kill(actor)
+            return False

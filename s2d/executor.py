@@ -1,0 +1,150 @@
+"""What one scheduler tick sends to the workers and gets back, and the executors that run a tick.
+
+A tick is one speculative round for a batch of live sequences of any targets: the shared draft
+proposes for all of them in one call, then each target verifies its own sequences in one forward.
+The same two functions (`propose_tick`, `verify_tick`) run in process (`InProcessExecutor`) and
+inside Ray actors (deployments/executor.py); only the transport differs.
+
+Workers remember each sequence's tokens, so a tick carries only the tokens a worker has not seen
+(`Work.new`, from `Work.start`). A worker that does not know a sequence (restarted, or never told)
+answers `resync`, and the scheduler sends the full list next tick; the cache is rebuilt by prefill."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from s2d.config import SamplingParams
+from s2d.workers import Proposal, ProposeItem, Proposer, Verifier, VerifyItem
+
+
+@dataclass
+class Work:
+    """One sequence's share of a tick."""
+
+    seq_id: str
+    target: str
+    start: int  # the workers already hold tokens[:start]
+    new: list[int]  # tokens[start:]
+    k: int  # most tokens to draft (0: plain decoding)
+    thresholds: list[float]
+    stop_threshold: float
+    params: SamplingParams
+    seed: int  # the draft samples with seed, the verifier with seed + 1
+
+
+@dataclass
+class Tick:
+    work: list[Work]
+    release: list[str] = field(default_factory=list)  # sequences that ended: free their caches first
+
+
+@dataclass
+class Drafted:
+    """The draft's output, read by every target (each takes its own sequences). Sampled drafts'
+    probabilities (`Proposal.q`) travel here, from the draft to the targets, never to the driver."""
+
+    tick: Tick
+    proposals: list[Proposal | None]  # aligned with tick.work; None: the draft must resync this sequence
+    busy_s: float = 0.0
+
+
+@dataclass
+class Outcome:
+    seq_id: str
+    drafts: list[int] = field(default_factory=list)
+    exits: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)  # accepted drafts, then one token of the target's
+    accepted: int = 0
+    resync: bool = False  # a worker lacked this sequence's earlier tokens: send them all next tick
+
+
+@dataclass
+class Verified:
+    target: str
+    outcomes: list[Outcome]
+    draft_busy_s: float
+    busy_s: float
+
+
+def known_tokens(worker, w: Work) -> list[int] | None:
+    """The sequence's full token list from what the worker holds plus `w.new`; None if it lacks a prefix."""
+    have = worker.known.get(w.seq_id, [])
+    if len(have) < w.start:
+        return None
+    worker.known[w.seq_id] = have[: w.start] + w.new
+    return worker.known[w.seq_id]
+
+
+def propose_tick(proposer: Proposer, tick: Tick) -> Drafted:
+    t0 = time.perf_counter()
+    for seq_id in tick.release:
+        proposer.release(seq_id)
+    tokens = [known_tokens(proposer, w) for w in tick.work]
+    items, at = [], []
+    for i, (w, toks) in enumerate(zip(tick.work, tokens)):
+        if toks is not None and w.k > 0:
+            items.append(ProposeItem(w.seq_id, toks, w.k, w.thresholds, w.stop_threshold, w.params, w.seed))
+            at.append(i)
+    proposals: list[Proposal | None] = [Proposal() if t is not None else None for t in tokens]
+    for i, p in zip(at, proposer.propose(items) if items else []):
+        proposals[i] = p
+    return Drafted(tick, proposals, time.perf_counter() - t0)
+
+
+def verify_tick(verifier: Verifier, target: str, drafted: Drafted) -> Verified:
+    """Verify this target's sequences of the tick in one forward."""
+    t0 = time.perf_counter()
+    for seq_id in drafted.tick.release:
+        verifier.release(seq_id)
+    outcomes, items = [], []
+    for w, p in zip(drafted.tick.work, drafted.proposals):
+        if w.target != target:
+            continue
+        toks = known_tokens(verifier, w)
+        if p is None or toks is None:
+            outcomes.append(Outcome(w.seq_id, resync=True))
+            continue
+        outcomes.append(Outcome(w.seq_id, p.drafts, p.exits))
+        items.append(VerifyItem(w.seq_id, toks, p.drafts, p.q, w.params, w.seed + 1))
+    verdicts = iter(verifier.verify(items) if items else [])
+    for o in outcomes:
+        if not o.resync:
+            v = next(verdicts)
+            o.tokens, o.accepted = v.tokens, v.accepted
+    return Verified(target, outcomes, drafted.busy_s, time.perf_counter() - t0)
+
+
+class Executor(Protocol):
+    """Runs ticks. `submit` may return before the tick ran (the Ray executor pipelines up to two);
+    `result` returns one `Verified` per target, in submission order of the ticks."""
+
+    def submit(self, tick: Tick): ...
+
+    def result(self, handle) -> list[Verified]: ...
+
+    def stats(self) -> dict: ...
+
+    def shutdown(self) -> None: ...
+
+
+class InProcessExecutor:
+    """Direct calls on the proposer and the verifiers, in the caller's thread."""
+
+    max_inflight = 1
+
+    def __init__(self, proposer: Proposer, verifiers: dict[str, Verifier]):
+        self.proposer, self.verifiers = proposer, verifiers
+
+    def submit(self, tick: Tick) -> list[Verified]:
+        drafted = propose_tick(self.proposer, tick)
+        return [verify_tick(v, name, drafted) for name, v in self.verifiers.items()]
+
+    def result(self, handle: list[Verified]) -> list[Verified]:
+        return handle
+
+    def stats(self) -> dict:
+        return {"draft": self.proposer.stats(), **{n: v.stats() for n, v in self.verifiers.items()}}
+
+    def shutdown(self) -> None:
+        pass

@@ -1,0 +1,109 @@
+"""The scheduler on a thread of its own, for asyncio servers (the Ray serving cell).
+
+The thread is the only one that touches the scheduler, so a sequence's state has one owner:
+requests and aborts reach it through an inbox, deltas leave through each request's asyncio queue.
+Ticks block on the executor, never the event loop."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+
+from s2d.scheduler import Scheduler
+from s2d.sequence import Delta, Request
+
+log = logging.getLogger(__name__)
+
+
+class EngineLoop:
+    def __init__(self, scheduler: Scheduler):
+        self.scheduler = scheduler
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.outputs: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stop = False
+        self.thread = threading.Thread(target=self._run, name="s2d-scheduler", daemon=True)
+        self.thread.start()
+
+    async def stream(self, req: Request, resume: list[int] = ()) -> AsyncIterator[Delta]:
+        """Deltas of one request until it finishes. Bad input raises RequestError before the first;
+        leaving early (cancellation, a client gone) aborts the request and frees its caches."""
+        loop = asyncio.get_running_loop()
+        admitted: asyncio.Future = loop.create_future()
+        out: asyncio.Queue = asyncio.Queue()
+        self.inbox.put(("add", req, list(resume), loop, admitted, out))
+        try:
+            seq_id = await asyncio.shield(admitted)
+        except asyncio.CancelledError:  # gone before admission: abort once admitted
+            admitted.add_done_callback(lambda f: f.exception() or self.inbox.put(("abort", f.result())))
+            raise
+        try:
+            while True:
+                d = await out.get()
+                if isinstance(d, Exception):
+                    raise d
+                yield d
+                if d.finished:
+                    return
+        finally:
+            self.inbox.put(("abort", seq_id))
+
+    def shutdown(self):
+        self._stop = True
+        self.inbox.put(("wake",))
+        self.thread.join(timeout=10)
+
+    # -- the scheduler thread ------------------------------------------------------------------
+    def _take_inbox(self, block: bool):
+        while True:
+            try:
+                msg = self.inbox.get(block=block, timeout=0.5 if block else None)
+            except queue.Empty:
+                return
+            block = False
+            if msg[0] == "add":
+                _, req, resume, loop, admitted, out = msg
+                try:
+                    seq = self.scheduler.add(req, resume)
+                except Exception as e:  # noqa: BLE001 - the caller gets it
+                    loop.call_soon_threadsafe(_set, admitted, None, e)
+                    continue
+                self.outputs[seq.seq_id] = (loop, out)
+                loop.call_soon_threadsafe(_set, admitted, seq.seq_id, None)
+            elif msg[0] == "abort":
+                self.outputs.pop(msg[1], None)
+                self.scheduler.abort(msg[1])
+
+    def _run(self):
+        while not self._stop:
+            self._take_inbox(block=not self.scheduler.has_work)
+            if not self.scheduler.has_work:
+                continue
+            try:
+                deltas = self.scheduler.step()
+            except Exception as e:  # noqa: BLE001 - fail the live requests, keep serving
+                log.exception("scheduler step failed")
+                self._fail_running(e)
+                continue
+            for d in deltas:
+                self._send(d.seq_id, d)
+                if d.finished:
+                    self.outputs.pop(d.seq_id, None)
+
+    def _fail_running(self, e: Exception):
+        for seq_id in list(self.scheduler.running) + [s.seq_id for s in self.scheduler.waiting]:
+            self._send(seq_id, RuntimeError(f"the engine failed: {type(e).__name__}: {e}"))
+            self.outputs.pop(seq_id, None)
+            self.scheduler.abort(seq_id)
+        self.scheduler.inflight.clear()
+
+    def _send(self, seq_id: str, item):
+        if seq_id in self.outputs:
+            loop, out = self.outputs[seq_id]
+            loop.call_soon_threadsafe(out.put_nowait, item)
+
+
+def _set(fut: asyncio.Future, value, exc):
+    if not fut.done():
+        fut.set_exception(exc) if exc else fut.set_result(value)

@@ -1,0 +1,118 @@
+"""The one scheduler: continuous batching over every live sequence of every target, in process
+(s2d/engine.py) and in a Ray serving cell (deployments/cell.py) alike.
+
+It owns request validation, request ids, admission by free KV slots, overload, abort and release;
+each sequence's state lives here and nowhere else. A tick drafts for all running sequences in one
+propose call and verifies each target's in one forward (s2d/executor.py). With `pipeline` on, the
+running sequences form two cohorts whose ticks alternate, so that with an executor that runs the
+draft and the targets side by side the draft proposes for one cohort while the targets verify the
+other."""
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+
+from s2d.config import Limits
+from s2d.executor import Executor, Tick, Verified
+from s2d.metrics import SpecStats
+from s2d.sequence import Delta, Overloaded, Request, RequestError, Sequence, UnknownTarget
+
+
+class Scheduler:
+    def __init__(self, frontends: dict, limits: Limits, executor: Executor, draft_slots: int,
+                 target_slots: dict[str, int], pipeline: bool = False):
+        self.frontends, self.limits, self.executor = frontends, limits, executor
+        self.draft_slots, self.target_slots = draft_slots, target_slots
+        self.pipeline = pipeline and getattr(executor, "max_inflight", 1) > 1
+        self.waiting: deque[Sequence] = deque()
+        self.running: dict[str, Sequence] = {}
+        self.cohort: dict[str, int] = {}  # seq_id -> 0 or 1
+        self.inflight: deque[tuple[int, object, list[Sequence]]] = deque()  # (cohort, handle, sequences)
+        self.to_release: list[str] = []
+        self.finished_stats = SpecStats()
+        self._ids = itertools.count()
+
+    # -- requests ------------------------------------------------------------------------------
+    def add(self, req: Request, resume: list[int] = ()) -> Sequence:
+        """Validate and queue a request; bad input raises RequestError naming the field, a full
+        queue raises Overloaded. `resume`: output tokens the client already has."""
+        if req.target not in self.frontends:
+            raise UnknownTarget("target", f"unknown target {req.target!r}; known: {sorted(self.frontends)}")
+        if len(self.waiting) >= self.limits.max_waiting:
+            raise Overloaded(f"{len(self.waiting)} requests already wait (limit {self.limits.max_waiting})")
+        seq_id = req.request_id or f"req-{next(self._ids)}"
+        if seq_id in self.running or any(s.seq_id == seq_id for s in self.waiting):
+            raise RequestError("request_id", f"{seq_id!r} is already live")
+        seq = self.frontends[req.target].sequence(seq_id, req, resume)
+        self.waiting.append(seq)
+        return seq
+
+    def abort(self, seq_id: str):
+        """Drop a request (cancelled, deadline passed, client gone) and free its caches."""
+        self.waiting = deque(s for s in self.waiting if s.seq_id != seq_id)
+        if seq_id in self.running:
+            self._free(self.running.pop(seq_id))
+
+    def _free(self, s: Sequence):
+        self.cohort.pop(s.seq_id, None)
+        self.to_release.append(s.seq_id)
+
+    def _admit(self):
+        per_target = {t: 0 for t in self.target_slots}
+        for s in self.running.values():
+            per_target[s.target] += 1
+        sizes = [0, 0]
+        for c in self.cohort.values():
+            sizes[c] += 1
+        for s in list(self.waiting):
+            if len(self.running) >= self.draft_slots:
+                break
+            if per_target[s.target] < self.target_slots[s.target]:
+                self.waiting.remove(s)
+                s.t0 = time.perf_counter()
+                self.running[s.seq_id] = s
+                per_target[s.target] += 1
+                c = int(self.pipeline and sizes[1] < sizes[0])
+                self.cohort[s.seq_id] = c
+                sizes[c] += 1
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.inflight or self.to_release)
+
+    # -- ticks ---------------------------------------------------------------------------------
+    def step(self) -> list[Delta]:
+        """Run one tick (with pipelining: finish the oldest in-flight tick, after starting the
+        other cohort's) and return what it added to each sequence."""
+        self._admit()
+        busy = {c for c, _, _ in self.inflight}
+        for c in (0, 1) if self.pipeline else (0,):
+            if c not in busy:
+                seqs = [s for s in self.running.values() if self.cohort.get(s.seq_id) == c]
+                if seqs or self.to_release:
+                    tick = Tick([s.work() for s in seqs], self.to_release)
+                    self.to_release = []
+                    self.inflight.append((c, self.executor.submit(tick), seqs))
+        if not self.inflight:
+            return []
+        _, handle, seqs = self.inflight.popleft()
+        return self._accept(seqs, self.executor.result(handle))
+
+    def _accept(self, seqs: list[Sequence], verified: list[Verified]) -> list[Delta]:
+        outcomes = {o.seq_id: o for v in verified for o in v.outcomes}
+        deltas = []
+        for s in seqs:
+            if s.seq_id not in self.running:  # aborted while its tick was in flight
+                continue
+            d = s.accept(outcomes[s.seq_id])
+            if d is None:
+                continue
+            deltas.append(d)
+            if s.finished:
+                self._free(self.running.pop(s.seq_id))
+                self.finished_stats = self.finished_stats.merge(s.stats)
+        return deltas
+
+
+__all__ = ["Scheduler", "Request", "RequestError", "UnknownTarget", "Overloaded"]

@@ -1,0 +1,83 @@
+"""The one scheduler over the Ray executor (real actors, a real compiled graph, no Serve): the same
+tokens as the in-process engine, greedy and seeded sampling, with pipelining on and off, and after
+an actor is killed mid-run."""
+from __future__ import annotations
+
+import pytest
+import ray
+
+from deployments.executor import RayExecutor
+from s2d.config import SamplingParams
+from s2d.engine import Engine, Request, build_frontends, greedy
+from s2d.scheduler import Scheduler
+
+from conftest import PROMPTS, make_config
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def requests() -> list[Request]:
+    """12 requests over both targets: greedy in three modes, and seeded sampling."""
+    out = []
+    for i, p in enumerate(PROMPTS[:6]):
+        t = ("small", "large")[i % 2]
+        out.append(Request(target=t, prompt=p, params=greedy(12, ignore_eos=True), mode=("s2d", "ar", "fixed:2")[i % 3]))
+        out.append(Request(target=t, prompt=p, params=SamplingParams(temperature=0.9, top_p=0.95, seed=100 + i,
+                                                                     max_tokens=12, ignore_eos=True)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def expected(family):
+    return [r["token_ids"] for r in Engine.from_config(make_config(family)).generate(requests())]
+
+
+def run(scheduler: Scheduler, reqs, on_step=None) -> list[list[int]]:
+    seqs = [scheduler.add(r) for r in reqs]
+    n = 0
+    while scheduler.has_work:  # to the end, releases included
+        scheduler.step()
+        n += 1
+        if on_step:
+            on_step(n)
+    return [s.out for s in seqs]
+
+
+def ray_scheduler(cfg, pipeline: bool) -> tuple[Scheduler, RayExecutor]:
+    ex = RayExecutor(cfg, "main", pipeline)
+    names = [t.name for t in cfg.targets]
+    return Scheduler(build_frontends(cfg), cfg.limits, ex, cfg.draft.max_seqs,
+                     {n: cfg.target(n).max_seqs for n in names}, pipeline=pipeline), ex
+
+
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_ray_executor_gives_the_in_process_tokens(cluster, family, expected, pipeline):
+    sch, ex = ray_scheduler(make_config(family), pipeline)
+    try:
+        assert run(sch, requests()) == expected
+        assert sch.pipeline == pipeline and not sch.has_work
+        stats = ex.stats()
+        assert stats["draft"]["held"] == 0 and stats["small"]["held"] == 0 and stats["large"]["held"] == 0
+        assert 0 < stats["busy_fraction"]["draft"] < 1 and stats["draft"]["max_batch"] > 1
+    finally:
+        ex.shutdown()
+
+
+@pytest.mark.parametrize("victim", ["draft", "large"])
+def test_an_actor_killed_mid_run_is_replaced_and_every_request_completes(cluster, family, expected, victim):
+    sch, ex = ray_scheduler(make_config(family), pipeline=True)
+
+    def kill(step):
+        if step == 3:
+            ray.kill(ex.draft if victim == "draft" else ex.targets[victim], no_restart=True)
+
+    try:
+        assert run(sch, requests(), on_step=kill) == expected
+        assert ex.stats()["draft"]["held"] == 0
+    finally:
+        ex.shutdown()
