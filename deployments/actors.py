@@ -20,22 +20,31 @@ def _threads(spec: ModelSpec):
 
 
 class _Actor:
+    """Ticks run one at a time, in order (the default concurrency group); `ready` and `stats` run
+    beside them in their own group, so a liveness check never waits for a long tick."""
+
     worker: Proposer | Verifier
 
+    @ray.method(concurrency_group="control")
     def ready(self) -> bool:
         return True
 
+    @ray.method(concurrency_group="control")
     def stats(self) -> dict:
         return self.worker.stats()
 
 
-@ray.remote
+CONTROL = {"control": 1}
+
+
+@ray.remote(concurrency_groups=CONTROL)
 class DraftActor(_Actor):
     def __init__(self, config: dict):
         cfg = EngineConfig.model_validate(config)
         _threads(cfg.draft)
         self.worker = Proposer(load_draft(cfg))
 
+    @ray.method(concurrency_group="control")
     def vocab(self) -> int:
         return self.worker.draft.lm.cfg.vocab_size
 
@@ -43,7 +52,7 @@ class DraftActor(_Actor):
         return propose_tick(self.worker, tick)
 
 
-@ray.remote
+@ray.remote(concurrency_groups=CONTROL)
 class TargetActor(_Actor):
     def __init__(self, config: dict, name: str):
         cfg = EngineConfig.model_validate(config)
@@ -51,6 +60,7 @@ class TargetActor(_Actor):
         self.name = name
         self.worker = Verifier(load_target(cfg, name))
 
+    @ray.method(concurrency_group="control")
     def vocab(self) -> int:
         return self.worker.lm.cfg.vocab_size
 

@@ -22,7 +22,7 @@ class Cell:
         cfg = EngineConfig.model_validate(config)
         spec = next(c for c in cfg.cells if c.name == cell)
         frontends = build_frontends(cfg)
-        self.executor = RayExecutor(cfg, cell, spec.pipeline)
+        self.executor = RayExecutor(cfg, cell, spec.pipeline, transport=spec.transport)
         scheduler = Scheduler({t: frontends[t] for t in spec.targets}, cfg.limits, self.executor, cfg.draft.max_seqs,
                               {t: cfg.target(t).max_seqs for t in spec.targets}, pipeline=spec.pipeline)
         self.loop = EngineLoop(scheduler)

@@ -1,7 +1,8 @@
 """The Ray executor: a cell's draft and target actors in the cell's placement group, driven through
-a Ray Compiled Graph, input -> draft.propose -> every target's verify -> output. One execution
-carries a whole tick; with pipelining two executions are in flight, so the draft proposes for one
-cohort while the targets verify the other.
+a Ray Compiled Graph, input -> draft.propose -> every target's verify -> output (or, with
+`transport: actor_calls`, the same chain as plain actor calls that pass the draft's output by
+reference). One execution carries a whole tick; with pipelining two executions are in flight, so
+the draft proposes for one cohort while the targets verify the other.
 
 If an actor dies, the executor replaces it in its bundle, recompiles and replays the ticks that
 were in flight. The new actor holds no sequence, so it answers `resync` and the scheduler resends
@@ -29,6 +30,7 @@ MAX_RECOVERIES = 3  # in a row, without a tick completing in between
 READY_TIMEOUT_S = 600.0  # loading a large model takes minutes
 ACTOR_NAMESPACE = "s2d"
 LOST = (ray.exceptions.RayActorError, ray.exceptions.RayChannelError)  # an actor of the graph died
+TICK_TIMEOUT_S = 600.0  # a tick is a few forwards; past this something hangs
 
 
 def bundle(spec: ModelSpec) -> dict:
@@ -52,8 +54,10 @@ class Ticket:
 
 
 class RayExecutor:
-    def __init__(self, cfg: EngineConfig, cell: str, pipeline: bool, pg: PlacementGroup | None = None):
+    def __init__(self, cfg: EngineConfig, cell: str, pipeline: bool, pg: PlacementGroup | None = None,
+                 transport: str = "compiled_graph"):
         self.cfg, self.config = cfg, cfg.model_dump()
+        self.compiled = transport == "compiled_graph"
         self.prefix = f"{cell}/{uuid.uuid4().hex[:8]}"  # actors are named s2d/CELL/ID/ROLE/N (operators, tests)
         self.started = 0
         self.names = next(c for c in cfg.cells if c.name == cell).targets
@@ -71,7 +75,7 @@ class RayExecutor:
 
     def _start(self, cls, index: int, role: str, spec: ModelSpec, *args):
         self.started += 1
-        opts = {"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus, "max_concurrency": 2,
+        opts = {"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus,
                 "name": f"{self.prefix}/{role}/{self.started}", "namespace": ACTOR_NAMESPACE}
         if self.pg is not None:
             opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=index)
@@ -86,6 +90,8 @@ class RayExecutor:
         return [self.draft, *self.targets.values()]
 
     def _compile(self):
+        if not self.compiled:
+            return
         with InputNode() as tick:
             drafted = self.draft.propose.bind(tick)
             dag = MultiOutputNode([self.targets[n].verify.bind(drafted) for n in self.names])
@@ -95,18 +101,28 @@ class RayExecutor:
     def submit(self, tick: Tick) -> Ticket:
         ticket = Ticket(tick, None)
         self.pending.append(ticket)
+        self._execute(ticket)
+        return ticket
+
+    def _execute(self, ticket: Ticket):
         try:
-            ticket.refs = self.graph.execute(tick)
+            if self.compiled:
+                ticket.refs = self.graph.execute(ticket.tick)
+            else:
+                drafted = self.draft.propose.remote(ticket.tick)
+                ticket.refs = [self.targets[n].verify.remote(drafted) for n in self.names]
         except LOST as e:  # the graph was torn down by an actor's death: result() recovers
             ticket.refs = e
-        return ticket
 
     def result(self, ticket: Ticket) -> list[Verified]:
         while True:
             try:
                 if isinstance(ticket.refs, Exception):
                     raise ticket.refs
-                out = ray.get(ticket.refs)
+                if self.compiled:
+                    out = [r.get(timeout=TICK_TIMEOUT_S) for r in ticket.refs]
+                else:
+                    out = ray.get(ticket.refs, timeout=TICK_TIMEOUT_S)
                 break
             except LOST as e:
                 self._recover(e)
@@ -128,7 +144,8 @@ class RayExecutor:
 
     def shutdown(self):
         try:
-            self.graph.teardown()
+            if self.compiled:
+                self.graph.teardown()
         finally:
             for a in self.actors():
                 ray.kill(a)
@@ -141,7 +158,8 @@ class RayExecutor:
             raise RuntimeError(f"the cell's actors keep failing: {error}") from error
         log.warning("cell actor lost (%s); replacing it and recompiling", type(error).__name__)
         try:
-            self.graph.teardown()
+            if self.compiled:
+                self.graph.teardown()
         except Exception as e:  # noqa: BLE001 - a graph with a dead actor may not tear down cleanly
             log.warning("teardown: %s", e)
         if not self._alive(self.draft):
@@ -152,10 +170,7 @@ class RayExecutor:
         self._wait_ready()
         self._compile()
         for ticket in self.pending:
-            try:
-                ticket.refs = self.graph.execute(ticket.tick)
-            except LOST as e:
-                ticket.refs = e
+            self._execute(ticket)
 
     @staticmethod
     def _alive(actor) -> bool:

@@ -134,4 +134,4 @@ class S2DRouter:
         if code == grpc.StatusCode.INTERNAL:
             log.exception("request failed", exc_info=e)
         grpc_context.set_code(code)
-        grpc_context.set_details(str(e))
+        grpc_context.set_details(str(getattr(e, "cause", None) or e))  # a cell's error arrives wrapped

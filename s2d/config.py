@@ -109,6 +109,7 @@ class CellSpec(Strict):
     num_replicas: int = Field(1, ge=1)
     autoscaling: dict | None = None  # Ray Serve autoscaling_config; replaces num_replicas
     pipeline: bool = True  # two cohorts: the draft proposes for one while the targets verify the other
+    transport: Literal["compiled_graph", "actor_calls"] = "compiled_graph"  # how a tick reaches the actors
     num_cpus: float = Field(0.0, ge=0)  # the cell's own process (scheduler, tokenizers)
 
 

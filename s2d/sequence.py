@@ -17,7 +17,10 @@ class RequestError(ValueError):
 
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
-        self.field = field
+        self.field, self.message = field, message
+
+    def __reduce__(self):  # crosses process boundaries (cell -> ingress) with its field
+        return type(self), (self.field, self.message)
 
 
 class UnknownTarget(RequestError):

@@ -18,14 +18,14 @@ from s2d.engine import Engine, Request, greedy
 from conftest import PROMPTS, make_config
 
 N = 16
-MAX_LIVE = 40
+MAX_WAITING = 16  # per cell replica, past its 8 slots per target
 
 
 @pytest.fixture(scope="module")
 def config(family, tmp_path_factory):
     cfg = make_config(family).model_dump()
     cfg["cells"][0]["num_replicas"] = 2
-    cfg["limits"]["max_waiting"] = MAX_LIVE
+    cfg["limits"]["max_waiting"] = MAX_WAITING
     path = tmp_path_factory.mktemp("serve") / "engine.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -140,8 +140,9 @@ def test_overload_is_refused_not_hung(server):
         except grpc.RpcError as e:
             return e.code()
 
-    with ThreadPoolExecutor(MAX_LIVE + 24) as pool:
-        outcomes = list(pool.map(call, range(MAX_LIVE + 24)))
+    n = 2 * (8 + MAX_WAITING) + 24  # past both replicas' slots and queues
+    with ThreadPoolExecutor(n) as pool:
+        outcomes = list(pool.map(call, range(n)))
     refused = [o for o in outcomes if o in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)]
     done = [o for o in outcomes if o in ("length", "stop")]
     assert refused and len(done) + len(refused) == len(outcomes), outcomes
