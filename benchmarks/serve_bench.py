@@ -1,7 +1,8 @@
 """Served against in-process, in one run: tokens/s of the in-process engine and of the same config
-served by Ray Serve (one cell, gRPC on 127.0.0.1) with pipelining on and off, for demo-l alone and
-the three targets mixed, modes ar and s2d, at several concurrencies; plus the draft's and the
-targets' busy fractions in the cell. A benchmark, not a test.
+served by Ray Serve (one cell, gRPC on 127.0.0.1) over each cell transport (compiled graph with
+pipelining off and on, plain actor calls, models in the cell's process), for demo-l alone and the
+three targets mixed, modes ar and s2d, at several concurrencies; plus the draft's and the targets'
+busy fractions in the cell. A benchmark, not a test.
 
     python benchmarks/serve_bench.py --config demo [--max-tokens 32] [--concurrency 1,8,32] [--out runs/serve]
 """
@@ -71,6 +72,8 @@ def main():
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--modes", default="ar,s2d")
     ap.add_argument("--workloads", default="demo-l,mixed")
+    ap.add_argument("--served", default="compiled_graph,compiled_graph+pipeline,in_process",
+                    help="cell transports to serve with (compiled_graph | actor_calls | in_process, +pipeline)")
     ap.add_argument("--out", default=None, help="folder for results.json and results.md")
     a = ap.parse_args()
     cfg = load_config(a.config)
@@ -89,11 +92,13 @@ def main():
     del engine
 
     address = None
-    for pipeline in (False, True):
+    variants = a.served.split(",")
+    for variant in variants:
+        transport, _, pipeline = variant.partition("+")
         data = cfg.model_dump()
         for cell in data["cells"]:
-            cell["pipeline"] = pipeline
-        path = Path(f"/tmp/s2d-serve-bench-{pipeline}.yaml")
+            cell["pipeline"], cell["transport"] = bool(pipeline), transport
+        path = Path(f"/tmp/s2d-serve-bench-{variant}.yaml")
         path.write_text(yaml.safe_dump(data))
         if address is None:
             address = serve_locally(str(path))
@@ -101,32 +106,36 @@ def main():
             deploy(str(path))
         client = S2DClient(address, timeout=600)
         served(client, jobs(prompts, WORKLOADS[workloads[0]], 2), 2, 8, "s2d")  # warm-up
-        key = "served, pipelined" if pipeline else "served"
         for w, m, c in cases:
             reset_cell_stats()
-            rows[w, m, c][key] = served(client, jobs(prompts, WORKLOADS[w], n_of[c]), c, a.max_tokens, m)
-            rows[w, m, c][key + " busy"] = cell_stats()["busy_fraction"]
-            print(w, m, c, key, round(rows[w, m, c][key], 1), rows[w, m, c][key + " busy"], flush=True)
+            rows[w, m, c][variant] = served(client, jobs(prompts, WORKLOADS[w], n_of[c]), c, a.max_tokens, m)
+            rows[w, m, c][variant + " busy"] = cell_stats()["busy_fraction"]
+            print(w, m, c, variant, round(rows[w, m, c][variant], 1), rows[w, m, c][variant + " busy"], flush=True)
         client.close()
     shutdown()
 
     md = [f"{a.max_tokens} new tokens per request, greedy, held-out code prompts; requests per run: "
-          f"{', '.join(f'{n_of[c]} at concurrency {c}' for c in levels)}\n",
-          "| workload | mode | concurrency | in-process tok/s | served tok/s | served/in-process | served, pipelined tok/s "
-          "| pipelined/in-process | pipelined/unpipelined | busy draft / targets (off -> on) |",
-          "|---|---|---|---|---|---|---|---|---|---|"]
+          f"{', '.join(f'{n_of[c]} at concurrency {c}' for c in levels)}. Each served column: tok/s "
+          "(served / in-process).\n",
+          "| workload | mode | concurrency | in-process tok/s | " + " | ".join(variants) + " |",
+          "|---|---|---|---|" + "---|" * len(variants)]
     for (w, m, c), r in rows.items():
-        ip, off, on = r["in-process"], r["served"], r["served, pipelined"]
-        busy = "; ".join(f"{k} {r['served busy'][k]:.2f} -> {r['served, pipelined busy'][k]:.2f}"
-                         for k in r["served busy"] if k == "draft" or k in WORKLOADS[w])
-        md.append(f"| {w} | {m} | {c} | {ip:.1f} | {off:.1f} | {off / ip:.2f} | {on:.1f} | {on / ip:.2f} | {on / off:.2f} | {busy} |")
-    md += ["", "| workload | concurrency | s2d/ar in-process | s2d/ar served | s2d/ar served, pipelined |", "|---|---|---|---|---|"]
+        ip = r["in-process"]
+        md.append(f"| {w} | {m} | {c} | {ip:.1f} | " + " | ".join(f"{r[v]:.1f} ({r[v] / ip:.2f})" for v in variants) + " |")
+    md += ["", "Busy fractions of the draft and the targets (time in ticks / wall time):\n",
+           "| workload | mode | concurrency | " + " | ".join(variants) + " |", "|---|---|---|" + "---|" * len(variants)]
+    for (w, m, c), r in rows.items():
+        cells = [", ".join(f"{k} {b:.2f}" for k, b in r[v + " busy"].items() if k == "draft" or k in WORKLOADS[w])
+                 for v in variants]
+        md.append(f"| {w} | {m} | {c} | " + " | ".join(cells) + " |")
     if "ar" in modes and "s2d" in modes:
+        md += ["", "| workload | concurrency | s2d/ar in-process | " + " | ".join(f"s2d/ar {v}" for v in variants) + " |",
+               "|---|---|---|" + "---|" * len(variants)]
         for w in workloads:
             for c in levels:
                 s, r = rows[w, "s2d", c], rows[w, "ar", c]
-                md.append(f"| {w} | {c} | {s['in-process'] / r['in-process']:.2f} | {s['served'] / r['served']:.2f} "
-                          f"| {s['served, pipelined'] / r['served, pipelined']:.2f} |")
+                md.append(f"| {w} | {c} | {s['in-process'] / r['in-process']:.2f} | "
+                          + " | ".join(f"{s[v] / r[v]:.2f}" for v in variants) + " |")
     print("\n" + "\n".join(md))
     if a.out:
         out = Path(a.out)

@@ -13,10 +13,17 @@ from s2d.executor import Drafted, Tick, Verified, propose_tick, verify_tick
 from s2d.workers import Proposer, Verifier
 
 
-def _threads(spec: ModelSpec):
-    """num_cpus threads where given (>= 1), else every core: a CPU actor's forward is its whole job."""
-    if not spec.num_gpus:
-        torch.set_num_threads(int(spec.num_cpus) if spec.num_cpus >= 1 else os.cpu_count() or 1)
+def torch_threads(spec: ModelSpec, share: int) -> int:
+    """num_cpus threads where given (>= 1), else an equal share of the host's cores among the cell's
+    `share` actors: more threads than cores makes OpenMP's spinning workers fight each other."""
+    return int(spec.num_cpus) if spec.num_cpus >= 1 else max(1, (os.cpu_count() or 1) // share)
+
+
+def use_threads(n: int):
+    """Set in the thread that runs the forwards: Ray runs actor methods and compiled graphs on
+    threads of their own, where OpenMP starts from Ray's OMP_NUM_THREADS=1."""
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
 
 
 class _Actor:
@@ -39,9 +46,9 @@ CONTROL = {"control": 1}
 
 @ray.remote(concurrency_groups=CONTROL)
 class DraftActor(_Actor):
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, share: int):
         cfg = EngineConfig.model_validate(config)
-        _threads(cfg.draft)
+        self.threads = torch_threads(cfg.draft, share)
         self.worker = Proposer(load_draft(cfg))
 
     @ray.method(concurrency_group="control")
@@ -49,14 +56,15 @@ class DraftActor(_Actor):
         return self.worker.draft.lm.cfg.vocab_size
 
     def propose(self, tick: Tick) -> Drafted:
+        use_threads(self.threads)
         return propose_tick(self.worker, tick)
 
 
 @ray.remote(concurrency_groups=CONTROL)
 class TargetActor(_Actor):
-    def __init__(self, config: dict, name: str):
+    def __init__(self, config: dict, share: int, name: str):
         cfg = EngineConfig.model_validate(config)
-        _threads(cfg.target(name))
+        self.threads = torch_threads(cfg.target(name), share)
         self.name = name
         self.worker = Verifier(load_target(cfg, name))
 
@@ -65,4 +73,5 @@ class TargetActor(_Actor):
         return self.worker.lm.cfg.vocab_size
 
     def verify(self, drafted: Drafted) -> Verified:
+        use_threads(self.threads)
         return verify_tick(self.worker, self.name, drafted)

@@ -4,16 +4,19 @@ draft's, one per target), starts the draft and target actors in it, and runs the
 from the ingress; the scheduler batches them across all of the cell's targets."""
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 
 from ray import serve
 
 from deployments.executor import RayExecutor
 from s2d.config import EngineConfig
-from s2d.engine import build_frontends
+from s2d.engine import build_frontends, check_vocab, load_draft, load_target
+from s2d.executor import InProcessExecutor
 from s2d.loop import EngineLoop
 from s2d.scheduler import Scheduler
 from s2d.sequence import Delta, Request
+from s2d.workers import Proposer, Verifier
 
 
 @serve.deployment
@@ -22,13 +25,22 @@ class Cell:
         cfg = EngineConfig.model_validate(config)
         spec = next(c for c in cfg.cells if c.name == cell)
         frontends = build_frontends(cfg)
-        self.executor = RayExecutor(cfg, cell, spec.pipeline, transport=spec.transport)
+        threads = None
+        if spec.transport == "in_process":
+            threads = os.cpu_count() or 1
+            draft = load_draft(cfg)
+            targets = {t: load_target(cfg, t) for t in spec.targets}
+            check_vocab(draft.lm.cfg.vocab_size, {n: m.cfg.vocab_size for n, m in targets.items()})
+            self.executor = InProcessExecutor(Proposer(draft), {n: Verifier(m) for n, m in targets.items()})
+        else:
+            self.executor = RayExecutor(cfg, cell, spec.pipeline, transport=spec.transport)
         scheduler = Scheduler({t: frontends[t] for t in spec.targets}, cfg.limits, self.executor, cfg.draft.max_seqs,
                               {t: cfg.target(t).max_seqs for t in spec.targets}, pipeline=spec.pipeline)
-        self.loop = EngineLoop(scheduler)
+        self.loop = EngineLoop(scheduler, threads)
 
-    async def generate(self, req: Request, resume: list[int]) -> AsyncIterator[Delta]:
-        async for d in self.loop.stream(req, resume):
+    async def generate(self, req: Request, resume: list[int], final_only: bool = False) -> AsyncIterator[Delta]:
+        """The request's deltas (one at the end with `final_only`, for unary RPCs)."""
+        async for d in self.loop.stream(req, resume, final_only):
             yield d
 
     def stats(self) -> dict:

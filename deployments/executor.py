@@ -10,7 +10,6 @@ those sequences' full token lists: their caches are rebuilt by prefill and the r
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 from collections import deque
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from deployments.actors import DraftActor, TargetActor
 from s2d.config import EngineConfig, ModelSpec
 from s2d.engine import check_vocab
-from s2d.executor import Tick, Verified
+from s2d.executor import BusyClock, Tick, Verified
 
 log = logging.getLogger("ray.serve")
 MAX_RECOVERIES = 3  # in a row, without a tick completing in between
@@ -53,7 +52,7 @@ class Ticket:
     refs: list  # one CompiledDAGRef per target
 
 
-class RayExecutor:
+class RayExecutor(BusyClock):
     def __init__(self, cfg: EngineConfig, cell: str, pipeline: bool, pg: PlacementGroup | None = None,
                  transport: str = "compiled_graph"):
         self.cfg, self.config = cfg, cfg.model_dump()
@@ -61,14 +60,13 @@ class RayExecutor:
         self.prefix = f"{cell}/{uuid.uuid4().hex[:8]}"  # actors are named s2d/CELL/ID/ROLE/N (operators, tests)
         self.started = 0
         self.names = next(c for c in cfg.cells if c.name == cell).targets
+        super().__init__(self.names)
         self.max_inflight = 2 if pipeline else 1
         self.pg = pg if pg is not None else ray.util.get_current_placement_group()
         self.pending: deque[Ticket] = deque()
         self.recoveries = 0
-        self.busy = {"draft": 0.0, **{n: 0.0 for n in self.names}}
-        self.t_start = time.perf_counter()
-        self.draft = self._start(DraftActor, 1, "draft", self.cfg.draft, self.config)
-        self.targets = {n: self._start(TargetActor, 2 + i, f"target-{n}", self.cfg.target(n), self.config, n)
+        self.draft = self._start(DraftActor, 1, "draft", self.cfg.draft)
+        self.targets = {n: self._start(TargetActor, 2 + i, f"target-{n}", self.cfg.target(n), n)
                         for i, n in enumerate(self.names)}
         self._wait_ready()
         self._compile()
@@ -79,7 +77,7 @@ class RayExecutor:
                 "name": f"{self.prefix}/{role}/{self.started}", "namespace": ACTOR_NAMESPACE}
         if self.pg is not None:
             opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=index)
-        return cls.options(**opts).remote(*args)
+        return cls.options(**opts).remote(self.config, 1 + len(self.names), *args)
 
     def _wait_ready(self):
         ray.get([a.ready.remote() for a in self.actors()], timeout=READY_TIMEOUT_S)
@@ -128,19 +126,12 @@ class RayExecutor:
                 self._recover(e)
         assert self.pending.popleft() is ticket, "results are taken in submission order"
         self.recoveries = 0
-        self.busy["draft"] += out[0].draft_busy_s
-        for v in out:
-            self.busy[v.target] += v.busy_s
+        self.count(out)
         return out
 
     def stats(self) -> dict:
-        wall = time.perf_counter() - self.t_start
-        busy = {k: round(v / wall, 4) for k, v in self.busy.items()}
-        return {"busy_fraction": busy, **dict(zip(["draft", *self.names], ray.get([a.stats.remote() for a in self.actors()])))}
-
-    def reset_busy(self):
-        self.busy = {k: 0.0 for k in self.busy}
-        self.t_start = time.perf_counter()
+        actors = ray.get([a.stats.remote() for a in self.actors()])
+        return {"busy_fraction": self.fractions(), **dict(zip(["draft", *self.names], actors))}
 
     def shutdown(self):
         try:
@@ -163,10 +154,10 @@ class RayExecutor:
         except Exception as e:  # noqa: BLE001 - a graph with a dead actor may not tear down cleanly
             log.warning("teardown: %s", e)
         if not self._alive(self.draft):
-            self.draft = self._start(DraftActor, 1, "draft", self.cfg.draft, self.config)
+            self.draft = self._start(DraftActor, 1, "draft", self.cfg.draft)
         for i, n in enumerate(self.names):
             if not self._alive(self.targets[n]):
-                self.targets[n] = self._start(TargetActor, 2 + i, f"target-{n}", self.cfg.target(n), self.config, n)
+                self.targets[n] = self._start(TargetActor, 2 + i, f"target-{n}", self.cfg.target(n), n)
         self._wait_ready()
         self._compile()
         for ticket in self.pending:

@@ -70,7 +70,7 @@ class S2DRouter:
     async def Generate(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
         text, tokens, last = [], [], None
         try:
-            async for d in self._deltas(request):
+            async for d in self._deltas(request, final_only=True):
                 text.append(d.text)
                 tokens += d.token_ids
                 last = d
@@ -103,9 +103,9 @@ class S2DRouter:
         return {name: await h.stats.remote() for name, h in self.cells.items()}
 
     # -- routing -------------------------------------------------------------------------------
-    async def _deltas(self, request: pb.GenerateRequest):
+    async def _deltas(self, request: pb.GenerateRequest, final_only: bool = False):
         """The request's deltas from the cell hosting its target; resent with the tokens already
-        streamed if the cell replica is lost."""
+        streamed if the cell replica is lost (a unary request, `final_only`, starts over)."""
         req = to_request(request)
         if req.target not in self.cell_of:
             raise UnknownTarget("target", f"unknown target {req.target!r}; known: {self.targets}")
@@ -115,7 +115,7 @@ class S2DRouter:
         while True:
             try:
                 d: Delta
-                async for d in cell.generate.remote(req, streamed):
+                async for d in cell.generate.remote(req, streamed, final_only):
                     req.request_id = d.seq_id  # a resent request keeps its id
                     streamed += d.token_ids
                     deadline = None

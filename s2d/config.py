@@ -108,8 +108,13 @@ class CellSpec(Strict):
     targets: list[str] | None = None  # default: every target
     num_replicas: int = Field(1, ge=1)
     autoscaling: dict | None = None  # Ray Serve autoscaling_config; replaces num_replicas
-    pipeline: bool = True  # two cohorts: the draft proposes for one while the targets verify the other
-    transport: Literal["compiled_graph", "actor_calls"] = "compiled_graph"  # how a tick reaches the actors
+    # Two cohorts, while some sequence drafts: the draft proposes for one while the targets verify
+    # the other (needs an actor transport). docs/bench/serve.md has what it pays.
+    pipeline: bool = True
+    # How a tick reaches the models: a Ray Compiled Graph over draft and target actors, the same
+    # chain as plain actor calls, or in_process: the models live in the cell's own process (no
+    # actors, no pipelining; the fastest on a small CPU host, see docs/bench/serve.md).
+    transport: Literal["compiled_graph", "actor_calls", "in_process"] = "compiled_graph"
     num_cpus: float = Field(0.0, ge=0)  # the cell's own process (scheduler, tokenizers)
 
 

@@ -128,12 +128,35 @@ class Executor(Protocol):
     def shutdown(self) -> None: ...
 
 
-class InProcessExecutor:
+class BusyClock:
+    """Seconds the draft and each target spent in ticks, as fractions of the wall time since reset."""
+
+    def __init__(self, targets: list[str]):
+        self.roles = ["draft", *targets]
+        self.reset_busy()
+
+    def reset_busy(self):
+        self.busy = {k: 0.0 for k in self.roles}
+        self.t_start = time.perf_counter()
+
+    def count(self, verified: list[Verified]):
+        if verified:
+            self.busy["draft"] += verified[0].draft_busy_s
+        for v in verified:
+            self.busy[v.target] += v.busy_s
+
+    def fractions(self) -> dict[str, float]:
+        wall = time.perf_counter() - self.t_start
+        return {k: round(v / wall, 4) for k, v in self.busy.items()}
+
+
+class InProcessExecutor(BusyClock):
     """Direct calls on the proposer and the verifiers, in the caller's thread."""
 
     max_inflight = 1
 
     def __init__(self, proposer: Proposer, verifiers: dict[str, Verifier]):
+        super().__init__(list(verifiers))
         self.proposer, self.verifiers = proposer, verifiers
 
     def submit(self, tick: Tick) -> list[Verified]:
@@ -141,10 +164,12 @@ class InProcessExecutor:
         return [verify_tick(v, name, drafted) for name, v in self.verifiers.items()]
 
     def result(self, handle: list[Verified]) -> list[Verified]:
+        self.count(handle)
         return handle
 
     def stats(self) -> dict:
-        return {"draft": self.proposer.stats(), **{n: v.stats() for n, v in self.verifiers.items()}}
+        return {"busy_fraction": self.fractions(), "draft": self.proposer.stats(),
+                **{n: v.stats() for n, v in self.verifiers.items()}}
 
     def shutdown(self) -> None:
         pass

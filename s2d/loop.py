@@ -11,6 +11,8 @@ import queue
 import threading
 from collections.abc import AsyncIterator
 
+import torch
+
 from s2d.scheduler import Scheduler
 from s2d.sequence import Delta, Request
 
@@ -18,17 +20,19 @@ log = logging.getLogger(__name__)
 
 
 class EngineLoop:
-    def __init__(self, scheduler: Scheduler):
-        self.scheduler = scheduler
+    def __init__(self, scheduler: Scheduler, torch_threads: int | None = None):
+        self.scheduler, self.torch_threads = scheduler, torch_threads
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.outputs: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stop = False
         self.thread = threading.Thread(target=self._run, name="s2d-scheduler", daemon=True)
         self.thread.start()
 
-    async def stream(self, req: Request, resume: list[int] = ()) -> AsyncIterator[Delta]:
-        """Deltas of one request until it finishes. Bad input raises RequestError before the first;
-        leaving early (cancellation, a client gone) aborts the request and frees its caches."""
+    async def stream(self, req: Request, resume: list[int] = (), final_only: bool = False) -> AsyncIterator[Delta]:
+        """Deltas of one request until it finishes; the deltas that queued while the consumer was
+        busy come as one, and with `final_only` the whole output comes as one delta at the end.
+        Bad input raises RequestError before the first delta; leaving early (cancellation, a client
+        gone) aborts the request and frees its caches."""
         loop = asyncio.get_running_loop()
         admitted: asyncio.Future = loop.create_future()
         out: asyncio.Queue = asyncio.Queue()
@@ -39,13 +43,22 @@ class EngineLoop:
             admitted.add_done_callback(lambda f: f.exception() or self.inbox.put(("abort", f.result())))
             raise
         try:
+            pending = None
             while True:
-                d = await out.get()
-                if isinstance(d, Exception):
-                    raise d
-                yield d
-                if d.finished:
+                item = await out.get()
+                while True:
+                    if isinstance(item, Exception):
+                        raise item
+                    pending = item if pending is None else pending.then(item)
+                    if item.finished or out.empty():
+                        break
+                    item = out.get_nowait()
+                if pending.finished:
+                    yield pending
                     return
+                if not final_only:
+                    yield pending
+                    pending = None
         finally:
             self.inbox.put(("abort", seq_id))
 
@@ -76,6 +89,8 @@ class EngineLoop:
                 self.scheduler.abort(msg[1])
 
     def _run(self):
+        if self.torch_threads:  # a new thread starts from OMP_NUM_THREADS, which Ray sets to 1
+            torch.set_num_threads(self.torch_threads)
         while not self._stop:
             self._take_inbox(block=not self.scheduler.has_work)
             if not self.scheduler.has_work:

@@ -86,10 +86,15 @@ class Scheduler:
         """Run one tick (with pipelining: finish the oldest in-flight tick, after starting the
         other cohort's) and return what it added to each sequence."""
         self._admit()
+        # Cohorts alternate only while some sequence drafts: without draft work there is nothing
+        # to overlap, and splitting would only halve the targets' batches.
+        split = self.pipeline and any(s.plan.k_max > 0 for s in self.running.values())
         busy = {c for c, _, _ in self.inflight}
-        for c in (0, 1) if self.pipeline else (0,):
+        flying = {s.seq_id for _, _, seqs in self.inflight for s in seqs}
+        for c in (0, 1) if split else (0,):
             if c not in busy:
-                seqs = [s for s in self.running.values() if self.cohort.get(s.seq_id) == c]
+                seqs = [s for s in self.running.values()
+                        if s.seq_id not in flying and (not split or self.cohort.get(s.seq_id) == c)]
                 if seqs or self.to_release:
                     tick = Tick([s.work() for s in seqs], self.to_release)
                     self.to_release = []

@@ -114,6 +114,11 @@ class Delta:
     usage: dict | None = None  # on the last delta
     stats: dict | None = None  # on the last delta
 
+    def then(self, later: "Delta") -> "Delta":
+        """This delta followed by a later one of the same sequence, as one."""
+        return Delta(self.seq_id, self.token_ids + later.token_ids, self.text + later.text, later.finished,
+                     later.finish_reason, later.usage, later.stats)
+
 
 class Sequence:
     def __init__(self, seq_id: str, target: str, prompt_ids: list[int], params: SamplingParams,

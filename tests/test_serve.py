@@ -1,5 +1,7 @@
 """The served product: a real local Ray cluster, Ray Serve's gRPC proxy on 127.0.0.1, real models.
-Two targets share one draft in one cell with two replicas, behind the thin gRPC ingress."""
+Two targets share one draft in a cell of two replicas (draft and target actors on a compiled
+graph); a third target has a cell of its own with the models in the cell's process. Both cells sit
+behind the thin gRPC ingress."""
 from __future__ import annotations
 
 import threading
@@ -18,13 +20,15 @@ from s2d.engine import Engine, Request, greedy
 from conftest import PROMPTS, make_config
 
 N = 16
+TARGETS = ("small", "large", "other")
 MAX_WAITING = 16  # per cell replica, past its 8 slots per target
 
 
 @pytest.fixture(scope="module")
 def config(family, tmp_path_factory):
-    cfg = make_config(family).model_dump()
-    cfg["cells"][0]["num_replicas"] = 2
+    cfg = make_config(family, targets=TARGETS).model_dump()
+    cfg["cells"] = [{"name": "main", "targets": ["small", "large"], "num_replicas": 2},
+                    {"name": "solo", "targets": ["other"], "transport": "in_process"}]
     cfg["limits"]["max_waiting"] = MAX_WAITING
     path = tmp_path_factory.mktemp("serve") / "engine.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -44,8 +48,8 @@ def server(config):
 @pytest.fixture(scope="module")
 def expected(family):
     """The in-process engine's greedy outputs: what the server must return."""
-    eng = Engine.from_config(make_config(family))
-    reqs = [Request(target=t, prompt=p, params=greedy(N)) for t in ("small", "large") for p in PROMPTS[:16]]
+    eng = Engine.from_config(make_config(family, targets=TARGETS))
+    reqs = [Request(target=t, prompt=p, params=greedy(N)) for t in TARGETS for p in PROMPTS[:16]]
     return {(r.target, r.prompt): res for r, res in zip(reqs, eng.generate(reqs))}
 
 
@@ -56,7 +60,8 @@ def cell_actors(role: str = "") -> dict[str, object]:
 
 
 def actor_stats() -> dict[str, dict]:
-    out = {}
+    out = {f"solo/{k}": v for k, v in serve.get_app_handle("s2d").cell_stats.remote().result()["solo"].items()
+           if k != "busy_fraction"}
     for name, actor in cell_actors().items():
         try:
             out[name] = ray.get(actor.stats.remote(), timeout=10)
@@ -73,11 +78,11 @@ def gen(client, target, prompt, **kw):
 def test_health_and_targets(server):
     assert server.health() == "ok"
     r = server.list_targets()
-    assert list(r.targets) == ["small", "large"] and list(r.draft_exits) == [1, 2, 3]
+    assert list(r.targets) == list(TARGETS) and list(r.draft_exits) == [1, 2, 3]
 
 
 def test_each_target_greedy_equals_engine(server, expected):
-    for (target, prompt), want in list(expected.items())[::4]:
+    for (target, prompt), want in list(expected.items())[::3]:
         r = gen(server, target, prompt)
         assert (list(r.token_ids), r.text, r.finish_reason) == (want["token_ids"], want["text"], want["finish_reason"])
         assert r.usage.completion_tokens == len(r.token_ids) and r.stats.target_forwards > 0
@@ -91,9 +96,9 @@ def test_stream_equals_unary(server):
     assert chunks[-1].finished and chunks[-1].stats.mat == unary.stats.mat
 
 
-def test_32_concurrent_mixed_requests_batch_in_the_draft(server, expected):
-    jobs = list(expected.items())  # 32 requests over both targets
-    with ThreadPoolExecutor(32) as pool:
+def test_48_concurrent_mixed_requests_batch_in_the_draft(server, expected):
+    jobs = list(expected.items())  # 48 requests over the three targets and both cells
+    with ThreadPoolExecutor(48) as pool:
         results = list(pool.map(lambda kv: gen(server, *kv[0]), jobs))
     for ((target, prompt), want), r in zip(jobs, results):
         assert list(r.token_ids) == want["token_ids"], (target, prompt)
