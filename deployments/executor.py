@@ -115,23 +115,43 @@ class RayExecutor(BusyClock):
     def result(self, ticket: Ticket) -> list[Verified]:
         while True:
             try:
-                if isinstance(ticket.refs, Exception):
-                    raise ticket.refs
-                if self.compiled:
-                    out = [r.get(timeout=TICK_TIMEOUT_S) for r in ticket.refs]
-                else:
-                    out = ray.get(ticket.refs, timeout=TICK_TIMEOUT_S)
+                out = self._collect(ticket)
                 break
             except LOST as e:
                 self._recover(e)
+            except Exception:  # a failed tick (a bug, bad input): its ticket is spent
+                self.pending.popleft()
+                raise
         assert self.pending.popleft() is ticket, "results are taken in submission order"
         self.recoveries = 0
         self.count(out)
         return out
 
     def stats(self) -> dict:
-        actors = ray.get([a.stats.remote() for a in self.actors()])
-        return {"busy_fraction": self.fractions(), **dict(zip(["draft", *self.names], actors))}
+        out = {"busy_fraction": self.fractions()}
+        for role, actor in zip(["draft", *self.names], self.actors()):
+            try:
+                out[role] = ray.get(actor.stats.remote(), timeout=10)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+                out[role] = {"unavailable": type(e).__name__}  # dead or being replaced
+        return out
+
+    def drain(self):
+        """Drop the ticks in flight after a failed one: take and discard their results, so the
+        graph's buffers are free for the next ticks."""
+        while self.pending:
+            ticket = self.pending.popleft()
+            try:
+                self._collect(ticket)
+            except Exception:  # noqa: BLE001 - discarded either way
+                pass
+
+    def _collect(self, ticket: Ticket) -> list[Verified]:
+        if isinstance(ticket.refs, Exception):
+            raise ticket.refs
+        if self.compiled:
+            return [r.get(timeout=TICK_TIMEOUT_S) for r in ticket.refs]
+        return ray.get(ticket.refs, timeout=TICK_TIMEOUT_S)
 
     def shutdown(self):
         try:

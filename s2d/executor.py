@@ -125,6 +125,8 @@ class Executor(Protocol):
 
     def stats(self) -> dict: ...
 
+    def drain(self) -> None: ...  # drop the ticks in flight (after a failed one)
+
     def shutdown(self) -> None: ...
 
 
@@ -170,6 +172,9 @@ class InProcessExecutor(BusyClock):
     def stats(self) -> dict:
         return {"busy_fraction": self.fractions(), "draft": self.proposer.stats(),
                 **{n: v.stats() for n, v in self.verifiers.items()}}
+
+    def drain(self) -> None:
+        pass
 
     def shutdown(self) -> None:
         pass

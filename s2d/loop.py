@@ -111,7 +111,7 @@ class EngineLoop:
             self._send(seq_id, RuntimeError(f"the engine failed: {type(e).__name__}: {e}"))
             self.outputs.pop(seq_id, None)
             self.scheduler.abort(seq_id)
-        self.scheduler.inflight.clear()
+        self.scheduler.drop_inflight()
 
     def _send(self, seq_id: str, item):
         if seq_id in self.outputs:

@@ -104,6 +104,11 @@ class Scheduler:
         _, handle, seqs = self.inflight.popleft()
         return self._accept(seqs, self.executor.result(handle))
 
+    def drop_inflight(self):
+        """After a failed tick: forget the ticks in flight (the caller aborts their sequences)."""
+        self.inflight.clear()
+        self.executor.drain()
+
     def _accept(self, seqs: list[Sequence], verified: list[Verified]) -> list[Delta]:
         outcomes = {o.seq_id: o for v in verified for o in v.outcomes}
         deltas = []

@@ -60,8 +60,8 @@ def cell_actors(role: str = "") -> dict[str, object]:
 
 
 def actor_stats() -> dict[str, dict]:
-    out = {f"solo/{k}": v for k, v in serve.get_app_handle("s2d").cell_stats.remote().result()["solo"].items()
-           if k != "busy_fraction"}
+    solo = serve.get_deployment_handle("cell-solo", "s2d").stats.remote().result()
+    out = {f"solo/{k}": v for k, v in solo.items() if k != "busy_fraction"}
     for name, actor in cell_actors().items():
         try:
             out[name] = ray.get(actor.stats.remote(), timeout=10)
