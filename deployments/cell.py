@@ -1,6 +1,7 @@
 """A serving cell: one Ray Serve replica that reserves a placement group (its own bundle, the
 draft's, one per target), starts the draft and target actors in it, and runs the one scheduler
-(s2d/scheduler.py) over them through the Ray executor. Requests arrive as one streaming call each
+(s2d/scheduler.py) over them through the Ray executor (or, with `transport: in_process`, over the
+models loaded in its own process). Requests arrive as one streaming call each
 from the ingress; the scheduler batches them across all of the cell's targets."""
 from __future__ import annotations
 
@@ -11,32 +12,21 @@ from ray import serve
 
 from deployments.executor import RayExecutor
 from s2d.config import EngineConfig
-from s2d.engine import build_frontends, check_vocab, load_draft, load_target
-from s2d.executor import InProcessExecutor
+from s2d.engine import load_in_process, scheduler_for
 from s2d.loop import EngineLoop
-from s2d.scheduler import Scheduler
 from s2d.sequence import Delta, Request
-from s2d.workers import Proposer, Verifier
 
 
 @serve.deployment
 class Cell:
     def __init__(self, config: dict, cell: str):
         cfg = EngineConfig.model_validate(config)
-        spec = next(c for c in cfg.cells if c.name == cell)
-        frontends = build_frontends(cfg)
-        threads = None
-        if spec.transport == "in_process":
-            threads = os.cpu_count() or 1
-            draft = load_draft(cfg)
-            targets = {t: load_target(cfg, t) for t in spec.targets}
-            check_vocab(draft.lm.cfg.vocab_size, {n: m.cfg.vocab_size for n, m in targets.items()})
-            self.executor = InProcessExecutor(Proposer(draft), {n: Verifier(m) for n, m in targets.items()})
-        else:
-            self.executor = RayExecutor(cfg, cell, spec.pipeline, transport=spec.transport)
-        scheduler = Scheduler({t: frontends[t] for t in spec.targets}, cfg.limits, self.executor, cfg.draft.max_seqs,
-                              {t: cfg.target(t).max_seqs for t in spec.targets}, pipeline=spec.pipeline)
-        self.loop = EngineLoop(scheduler, threads)
+        spec = cfg.cell(cell)
+        if spec.transport == "in_process":  # the models in this process, forwards on every core
+            self.executor, threads = load_in_process(cfg, spec.targets), os.cpu_count() or 1
+        else:  # the actors set their own threads
+            self.executor, threads = RayExecutor(cfg, cell, spec.pipeline, transport=spec.transport), None
+        self.loop = EngineLoop(scheduler_for(cfg, self.executor, spec.targets, spec.pipeline), threads)
 
     async def generate(self, req: Request, resume: list[int], final_only: bool = False) -> AsyncIterator[Delta]:
         """The request's deltas (one at the end with `final_only`, for unary RPCs)."""

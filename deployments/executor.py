@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import ray
 from ray.dag import InputNode, MultiOutputNode
-from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from deployments.actors import DraftActor, TargetActor
@@ -42,27 +41,26 @@ def bundle(spec: ModelSpec) -> dict:
 
 def cell_bundles(cfg: EngineConfig, cell: str) -> list[dict]:
     """[the cell's own process, the draft, each target in order]: the bundle indices actors use."""
-    spec = next(c for c in cfg.cells if c.name == cell)
+    spec = cfg.cell(cell)
     return [{"CPU": max(spec.num_cpus, 0.01)}, bundle(cfg.draft)] + [bundle(cfg.target(t)) for t in spec.targets]
 
 
 @dataclass
 class Ticket:
     tick: Tick
-    refs: list  # one CompiledDAGRef per target
+    refs: list | Exception  # one result ref per target, or why the tick could not be sent
 
 
 class RayExecutor(BusyClock):
-    def __init__(self, cfg: EngineConfig, cell: str, pipeline: bool, pg: PlacementGroup | None = None,
-                 transport: str = "compiled_graph"):
+    def __init__(self, cfg: EngineConfig, cell: str, pipeline: bool, transport: str = "compiled_graph"):
         self.cfg, self.config = cfg, cfg.model_dump()
         self.compiled = transport == "compiled_graph"
-        self.prefix = f"{cell}/{uuid.uuid4().hex[:8]}"  # actors are named s2d/CELL/ID/ROLE/N (operators, tests)
+        self.prefix = f"{cell}/{uuid.uuid4().hex[:8]}"  # actors: CELL/ID/ROLE/N in namespace s2d (operators, tests)
         self.started = 0
-        self.names = next(c for c in cfg.cells if c.name == cell).targets
+        self.names = cfg.cell(cell).targets
         super().__init__(self.names)
         self.max_inflight = 2 if pipeline else 1
-        self.pg = pg if pg is not None else ray.util.get_current_placement_group()
+        self.pg = ray.util.get_current_placement_group()  # None outside a cell (tests): no bundles
         self.pending: deque[Ticket] = deque()
         self.recoveries = 0
         self.draft = self._start(DraftActor, 1, "draft", self.cfg.draft)

@@ -20,7 +20,7 @@ from ray.serve.handle import DeploymentHandle
 from s2d.config import EngineConfig, SamplingParams
 from s2d.draft import read_exits
 from s2d.proto import s2d_pb2 as pb
-from s2d.sequence import Delta, Overloaded, Request, RequestError, UnknownTarget
+from s2d.sequence import Overloaded, Request, RequestError, UnknownTarget
 
 log = logging.getLogger("ray.serve")
 REPLICA_LOST = (ActorDiedError, ActorUnavailableError, RayActorError)
@@ -114,7 +114,6 @@ class S2DRouter:
         deadline = None
         while True:
             try:
-                d: Delta
                 async for d in cell.generate.remote(req, streamed, final_only):
                     req.request_id = d.seq_id  # a resent request keeps its id
                     streamed += d.token_ids

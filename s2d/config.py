@@ -147,6 +147,12 @@ class EngineConfig(Strict):
             raise ValueError("cells: duplicate cell names")
         return self
 
+    def cell(self, name: str) -> CellSpec:
+        for c in self.cells:
+            if c.name == name:
+                return c
+        raise KeyError(f"unknown cell {name!r}; known: {[c.name for c in self.cells]}")
+
     def cell_of(self, target: str) -> CellSpec:
         return next(c for c in self.cells if target in c.targets)
 

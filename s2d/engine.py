@@ -82,21 +82,34 @@ def check_vocab(draft_vocab: int, target_vocabs: dict[str, int]):
             raise ValueError(f"targets.{n}: vocabulary {v} differs from the draft's {draft_vocab}")
 
 
+def load_in_process(cfg: EngineConfig, targets: list[str] | None = None) -> InProcessExecutor:
+    """The draft and the targets (default: all) loaded in this process, behind the in-process executor."""
+    draft = load_draft(cfg)
+    models = {t: load_target(cfg, t) for t in targets or [t.name for t in cfg.targets]}
+    check_vocab(draft.lm.cfg.vocab_size, {n: m.cfg.vocab_size for n, m in models.items()})
+    return InProcessExecutor(Proposer(draft), {n: Verifier(m) for n, m in models.items()})
+
+
+def scheduler_for(cfg: EngineConfig, executor, targets: list[str] | None = None, pipeline: bool = False) -> Scheduler:
+    """The scheduler over `executor` for the given targets (default: all), with the config's slots and limits."""
+    targets = targets or [t.name for t in cfg.targets]
+    frontends = build_frontends(cfg)
+    return Scheduler({t: frontends[t] for t in targets}, cfg.limits, executor, cfg.draft.max_seqs,
+                     {t: cfg.target(t).max_seqs for t in targets}, pipeline=pipeline)
+
+
 class Engine:
     """The scheduler and the models in this process; `step()` runs one tick."""
 
-    def __init__(self, cfg: EngineConfig, draft: SortedDraft, targets: dict[str, CausalLM]):
+    def __init__(self, cfg: EngineConfig, executor: InProcessExecutor):
         self.cfg = cfg
-        check_vocab(draft.lm.cfg.vocab_size, {n: m.cfg.vocab_size for n, m in targets.items()})
-        self.proposer = Proposer(draft)
-        self.verifiers = {n: Verifier(m) for n, m in targets.items()}
-        self.frontends = build_frontends(cfg)
-        self.scheduler = Scheduler(self.frontends, cfg.limits, InProcessExecutor(self.proposer, self.verifiers),
-                                   draft.lm.n_slots, {n: m.n_slots for n, m in targets.items()})
+        self.proposer, self.verifiers = executor.proposer, executor.verifiers
+        self.scheduler = scheduler_for(cfg, executor)
+        self.frontends = self.scheduler.frontends
 
     @classmethod
     def from_config(cls, cfg: EngineConfig) -> "Engine":
-        return cls(cfg, load_draft(cfg), {t.name: load_target(cfg, t.name) for t in cfg.targets})
+        return cls(cfg, load_in_process(cfg))
 
     @property
     def exits(self) -> list[int]:

@@ -8,7 +8,7 @@ import ray
 
 from deployments.executor import RayExecutor
 from s2d.config import SamplingParams
-from s2d.engine import Engine, Request, build_frontends, greedy
+from s2d.engine import Engine, Request, greedy, scheduler_for
 from s2d.scheduler import Scheduler
 
 from conftest import PROMPTS, make_config
@@ -50,9 +50,7 @@ def run(scheduler: Scheduler, reqs, on_step=None) -> list[list[int]]:
 
 def ray_scheduler(cfg, pipeline: bool) -> tuple[Scheduler, RayExecutor]:
     ex = RayExecutor(cfg, "main", pipeline)
-    names = [t.name for t in cfg.targets]
-    return Scheduler(build_frontends(cfg), cfg.limits, ex, cfg.draft.max_seqs,
-                     {n: cfg.target(n).max_seqs for n in names}, pipeline=pipeline), ex
+    return scheduler_for(cfg, ex, pipeline=pipeline), ex
 
 
 @pytest.mark.parametrize("pipeline", [False, True])
