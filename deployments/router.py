@@ -12,15 +12,15 @@ import logging
 import time
 
 import grpc
-from pydantic import ValidationError
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle
 
-from s2d.config import EngineConfig, SamplingParams
+from s2d.config import EngineConfig
 from s2d.draft import read_exits
 from s2d.proto import s2d_pb2 as pb
-from s2d.sequence import Overloaded, Request, RequestError, UnknownTarget
+from s2d.proto.servicer import Undecodable
+from s2d.request import DuplicateRequest, Overloaded, Request, RequestError, RequestFailed, UnknownTarget, parse_request
 
 log = logging.getLogger("ray.serve")
 REPLICA_LOST = (ActorDiedError, ActorUnavailableError, RayActorError)
@@ -31,20 +31,20 @@ class Unavailable(RuntimeError):
     pass
 
 
-def to_request(r: pb.GenerateRequest) -> Request:
-    if r.max_tokens < 0:
-        raise RequestError("max_tokens", "must be > 0")
-    try:
-        params = SamplingParams(
-            temperature=r.temperature if r.HasField("temperature") else 0.0,
-            top_p=r.top_p if r.HasField("top_p") else 1.0, top_k=r.top_k,
-            seed=r.seed if r.HasField("seed") else None, max_tokens=r.max_tokens or 64, stop=list(r.stop))
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise RequestError(str(err["loc"][0]), err["msg"]) from None
-    messages = [{"role": m.role, "content": m.content} for m in r.messages] or None
-    return Request(target=r.target, prompt=r.prompt or None, messages=messages, params=params,
-                   mode=r.mode or "s2d", raw=r.raw, request_id=r.request_id or None)
+def to_request(r: pb.GenerateRequest | Undecodable, cfg: EngineConfig) -> Request:
+    """The message as a checked Request (s2d/request.py: the one validation path)."""
+    if isinstance(r, Undecodable):
+        raise RequestError(r.field, r.message)
+    if r.ByteSize() > cfg.limits.max_request_bytes:
+        raise RequestError("request", f"{r.ByteSize()} bytes exceed the limit {cfg.limits.max_request_bytes}")
+    has = r.HasField
+    return parse_request({
+        "target": r.target, "prompt": r.prompt or None, "mode": r.mode or "s2d", "raw": r.raw,
+        "request_id": r.request_id or None,
+        "messages": [{"role": m.role, "content": m.content} for m in r.messages] or None,
+        "temperature": r.temperature if has("temperature") else None, "top_p": r.top_p if has("top_p") else None,
+        "top_k": r.top_k, "seed": r.seed if has("seed") else None, "max_tokens": r.max_tokens or None,
+        "stop": list(r.stop)}, cfg.limits)
 
 
 def stats_pb(s: dict) -> pb.SpecStats:
@@ -53,8 +53,15 @@ def stats_pb(s: dict) -> pb.SpecStats:
                         acceptance_per_position=s["acceptance_per_position"], wall_s=s["wall_s"])
 
 
-STATUS = [(UnknownTarget, grpc.StatusCode.NOT_FOUND), (RequestError, grpc.StatusCode.INVALID_ARGUMENT),
-          (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED), (Unavailable, grpc.StatusCode.UNAVAILABLE)]
+STATUS = [(UnknownTarget, grpc.StatusCode.NOT_FOUND), (DuplicateRequest, grpc.StatusCode.ALREADY_EXISTS),
+          (RequestError, grpc.StatusCode.INVALID_ARGUMENT), (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+          (Unavailable, grpc.StatusCode.UNAVAILABLE), (RequestFailed, grpc.StatusCode.INTERNAL)]
+
+
+class Refused(Exception):
+    """Raised out of an RPC after its status is set: Ray Serve's proxy carries a status set on the
+    context to the client only with a yielded message or a raised exception, so a stream that
+    failed before its first chunk would otherwise end OK and empty."""
 
 
 @serve.deployment
@@ -75,8 +82,7 @@ class S2DRouter:
                 tokens += d.token_ids
                 last = d
         except Exception as e:  # noqa: BLE001 - mapped to a status, the server keeps serving
-            self._fail(grpc_context, e)
-            return pb.GenerateResponse()
+            raise self._fail(grpc_context, e) from None
         return pb.GenerateResponse(text="".join(text), token_ids=tokens, finish_reason=last.finish_reason,
                                    usage=pb.Usage(**last.usage), stats=stats_pb(last.stats), request_id=last.seq_id)
 
@@ -89,8 +95,8 @@ class S2DRouter:
                     chunk.usage.CopyFrom(pb.Usage(**d.usage))
                     chunk.stats.CopyFrom(stats_pb(d.stats))
                 yield chunk
-        except Exception as e:  # noqa: BLE001
-            self._fail(grpc_context, e)
+        except Exception as e:  # noqa: BLE001 - the same status as the unary RPC
+            raise self._fail(grpc_context, e) from None
 
     async def ListTargets(self, request, grpc_context) -> pb.ListTargetsResponse:
         return pb.ListTargetsResponse(targets=self.targets, draft_exits=self.exits)
@@ -106,7 +112,7 @@ class S2DRouter:
     async def _deltas(self, request: pb.GenerateRequest, final_only: bool = False):
         """The request's deltas from the cell hosting its target; resent with the tokens already
         streamed if the cell replica is lost (a unary request, `final_only`, starts over)."""
-        req = to_request(request)
+        req = to_request(request, self.cfg)
         if req.target not in self.cell_of:
             raise UnknownTarget("target", f"unknown target {req.target!r}; known: {self.targets}")
         cell = self.cell_of[req.target].options(stream=True)
@@ -128,9 +134,15 @@ class S2DRouter:
                 await asyncio.sleep(0.5)
 
     @staticmethod
-    def _fail(grpc_context, e: Exception):
-        code = next((c for cls, c in STATUS if isinstance(e, cls)), grpc.StatusCode.INTERNAL)
-        if code == grpc.StatusCode.INTERNAL:
-            log.exception("request failed", exc_info=e)
+    def _fail(grpc_context, e: Exception) -> Refused:
+        """Set the status that names the problem; the caller raises what this returns."""
+        cause = getattr(e, "cause", None) or e  # a cell's error arrives wrapped in a RayTaskError
+        code = next((c for cls, c in STATUS if isinstance(cause, cls)), None)
+        if code is None:  # a bug: the details name it without a traceback, the log has one
+            log.error("request failed", exc_info=e)
+            code, details = grpc.StatusCode.INTERNAL, f"internal error: {type(cause).__name__}: {cause}"
+        else:
+            details = str(cause)
         grpc_context.set_code(code)
-        grpc_context.set_details(str(getattr(e, "cause", None) or e))  # a cell's error arrives wrapped
+        grpc_context.set_details(details[:1000])
+        return Refused(details)

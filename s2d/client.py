@@ -12,6 +12,7 @@ from s2d.proto import s2d_pb2_grpc as pb_grpc
 
 class S2DClient:
     def __init__(self, address: str = "127.0.0.1:9000", application: str | None = None, timeout: float | None = 120.0):
+        self.address = address
         self.channel = grpc.insecure_channel(address)
         self.stub = pb_grpc.S2DStub(self.channel)
         self.metadata = (("application", application),) if application else None

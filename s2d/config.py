@@ -17,55 +17,45 @@ class Strict(BaseModel):
 
 
 class Profile(Strict):
-    """How the shared draft drafts for one target (paper defaults: 0.5, 0.5, 0)."""
+    """How the shared draft drafts for one target. Thresholds, one per exit: unset is the paper's
+    rule for any draft, 0.5 at every exit but the last and 0 at the last."""
 
-    thresholds: list[float] = Field(default_factory=lambda: [0.5, 0.5, 0.0])
+    thresholds: list[float] | None = None
     k_max: int = Field(5, ge=1, le=32)
     stop_threshold: float = Field(0.0, ge=0.0, le=1.0)
 
     @field_validator("thresholds")
     @classmethod
-    def _finite(cls, v: list[float]) -> list[float]:
-        if not v or any(math.isnan(t) for t in v):
+    def _finite(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and (not v or any(math.isnan(t) for t in v)):
             raise ValueError("thresholds must be a non-empty list of numbers")
         return v
 
+    def thresholds_for(self, exits: list[int]) -> list[float]:
+        return list(self.thresholds) if self.thresholds is not None else [0.5] * (len(exits) - 1) + [0.0]
+
+
+GREEDY_BELOW = 1e-5  # temperatures below this are greedy (as in vLLM): logits / 1e-38 overflow
+INT64 = 2**63
+
 
 class SamplingParams(Strict):
-    """Per request. temperature 0 is greedy."""
+    """Per request. temperature 0 (or below GREEDY_BELOW) is greedy. Types are strict: a string is
+    not a number, a bool is not an int."""
 
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = Field(0, ge=0)
-    seed: int | None = None
-    max_tokens: int = 64
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    temperature: float = Field(0.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, lt=2**31)
+    seed: int | None = Field(None, ge=-INT64, lt=INT64)
+    max_tokens: int = Field(64, gt=0, lt=2**31)
     stop: list[str] = Field(default_factory=list)
     ignore_eos: bool = False
 
-    @field_validator("temperature")
-    @classmethod
-    def _temperature(cls, v: float) -> float:
-        if math.isnan(v) or math.isinf(v) or v < 0:
-            raise ValueError("temperature must be a finite number >= 0")
-        return v
-
-    @field_validator("top_p")
-    @classmethod
-    def _top_p(cls, v: float) -> float:
-        if math.isnan(v) or not 0.0 < v <= 1.0:
-            raise ValueError("top_p must be in (0, 1]")
-        return v
-
-    @field_validator("max_tokens")
-    @classmethod
-    def _max_tokens(cls, v: int) -> int:
-        if v <= 0:
-            raise ValueError("max_tokens must be > 0")
-        return v
-
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
 
 class ModelSpec(Strict):
@@ -95,9 +85,21 @@ class TargetSpec(ModelSpec):
 
 
 class Limits(Strict):
+    """What one request may ask, enforced at every entry point (s2d/request.py), and the queue bound."""
+
     max_prompt_tokens: int = Field(1536, ge=1)
     max_new_tokens: int = Field(512, ge=1)
-    max_waiting: int = Field(256, ge=1)  # queued requests before the engine refuses (overload)
+    max_stop: int = Field(16, ge=0)  # stop strings per request
+    max_stop_chars: int = Field(256, ge=1)  # characters per stop string
+    max_messages: int = Field(256, ge=1)  # chat messages per request
+    max_request_bytes: int = Field(1 << 20, ge=1024)  # a request's text (prompt, messages, stop) or wire message
+    max_waiting: int = Field(256, ge=1)  # requests queued past the KV slots before the engine refuses (overload)
+
+
+class Scheduling(Strict):
+    # Prompt tokens prefilled per tick over all sequences, in their own forward beside the decodes:
+    # a long prompt takes several ticks instead of stalling every decode of its batch for one.
+    prefill_budget: int = Field(128, ge=8)
 
 
 class CellSpec(Strict):
@@ -123,6 +125,7 @@ class EngineConfig(Strict):
     targets: list[TargetSpec]
     cells: list[CellSpec] = Field(default_factory=list)  # default: one cell with every target
     limits: Limits = Field(default_factory=Limits)
+    scheduling: Scheduling = Field(default_factory=Scheduling)
     base_dir: str | None = None  # relative model paths resolve against the YAML's folder
 
     @model_validator(mode="after")

@@ -77,7 +77,14 @@ class SortedDraft:
     def truncate(self, slot: int, n: int):
         self.fill[slot] = [min(f, n) for f in self.fill[slot]]
 
-    def run_segment(self, s: int, slots: list[int], tokens: list[list[int]], ends: list[int]) -> torch.Tensor:
+    def prefill(self, slots: list[int], tokens: list[list[int]], ends: list[int]):
+        """Every segment up to ends[b]: a prompt goes through the whole draft at once, so no later
+        token that exits deep has a long lazy fill to catch up inside a decode batch."""
+        for s in range(len(self.exits)):
+            self.run_segment(s, slots, tokens, ends, logits=False)
+
+    def run_segment(self, s: int, slots: list[int], tokens: list[list[int]], ends: list[int],
+                    logits: bool = True) -> torch.Tensor | None:
         """Bring segment s up to position ends[b] (exclusive) for each slot; return the exit's
         logits at each slot's last position [B, V]. `tokens` feeds segment 0."""
         lm = self.lm
@@ -99,5 +106,7 @@ class SortedDraft:
         self.hidden[slot_idx[real], pos_idx[real]] = h[real].to(self.hidden.device)
         for sl, e in zip(slots, ends):
             self.fill[sl][s] = e
+        if not logits:
+            return None
         last = h[torch.arange(len(slots)), batch.last.to(h.device)]
         return lm.logits(last)

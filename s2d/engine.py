@@ -10,8 +10,8 @@ from s2d.draft import SortedDraft, read_exits
 from s2d.executor import InProcessExecutor
 from s2d.model import CausalLM, context_length, load_hf_config
 from s2d.scheduler import Scheduler
-from s2d.sequence import (Delta, DraftPlan, Overloaded, Request, RequestError, Sequence, UnknownTarget,
-                          encode_prompt, eos_ids)
+from s2d.request import Overloaded, Request, RequestError, UnknownTarget
+from s2d.sequence import Delta, DraftPlan, Sequence, encode_prompt, eos_ids
 from s2d.workers import Proposer, Verifier
 
 
@@ -48,8 +48,6 @@ class TargetFrontend:
 
     def sequence(self, seq_id: str, req: Request, resume: list[int] = ()) -> Sequence:
         params = req.params
-        if params.max_tokens > self.limits.max_new_tokens:
-            raise RequestError("max_tokens", f"{params.max_tokens} exceeds the limit {self.limits.max_new_tokens}")
         ids = encode_prompt(self.tokenizer, req.prompt, req.messages, req.raw)
         if not ids:
             raise RequestError("prompt", "empty prompt")
@@ -95,7 +93,7 @@ def scheduler_for(cfg: EngineConfig, executor, targets: list[str] | None = None,
     targets = targets or [t.name for t in cfg.targets]
     frontends = build_frontends(cfg)
     return Scheduler({t: frontends[t] for t in targets}, cfg.limits, executor, cfg.draft.max_seqs,
-                     {t: cfg.target(t).max_seqs for t in targets}, pipeline=pipeline)
+                     {t: cfg.target(t).max_seqs for t in targets}, pipeline=pipeline, scheduling=cfg.scheduling)
 
 
 class Engine:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from s2d.config import SamplingParams
-from s2d.workers import Proposal, ProposeItem, Proposer, Verifier, VerifyItem
+from s2d.workers import PrefillItem, Proposal, ProposeItem, Proposer, Verifier, VerifyItem
 
 
 @dataclass
@@ -31,6 +31,7 @@ class Work:
     stop_threshold: float
     params: SamplingParams
     seed: int  # the draft samples with seed, the verifier with seed + 1
+    decode: bool = True  # False: a prompt chunk, only filled into the caches (the draft's too when k > 0)
 
 
 @dataclass
@@ -57,6 +58,8 @@ class Outcome:
     tokens: list[int] = field(default_factory=list)  # accepted drafts, then one token of the target's
     accepted: int = 0
     resync: bool = False  # a worker lacked this sequence's earlier tokens: send them all next tick
+    decoded: bool = True  # False: a prompt chunk was prefilled
+    error: str | None = None  # the workers failed on this sequence alone (bad numbers, a raise in its sampling)
 
 
 @dataclass
@@ -81,11 +84,17 @@ def propose_tick(proposer: Proposer, tick: Tick) -> Drafted:
     for seq_id in tick.release:
         proposer.release(seq_id)
     tokens = [known_tokens(proposer, w) for w in tick.work]
-    items, at = [], []
+    items, at, chunks = [], [], []
     for i, (w, toks) in enumerate(zip(tick.work, tokens)):
-        if toks is not None and w.k > 0:
+        if toks is None or w.k == 0:  # the draft never sees sequences that do not draft (ar)
+            continue
+        if w.decode:
             items.append(ProposeItem(w.seq_id, toks, w.k, w.thresholds, w.stop_threshold, w.params, w.seed))
             at.append(i)
+        else:
+            chunks.append(PrefillItem(w.seq_id, toks))
+    if chunks:
+        proposer.prefill(chunks)
     proposals: list[Proposal | None] = [Proposal() if t is not None else None for t in tokens]
     for i, p in zip(at, proposer.propose(items) if items else []):
         proposals[i] = p
@@ -93,25 +102,32 @@ def propose_tick(proposer: Proposer, tick: Tick) -> Drafted:
 
 
 def verify_tick(verifier: Verifier, target: str, drafted: Drafted) -> Verified:
-    """Verify this target's sequences of the tick in one forward."""
+    """Verify this target's sequences of the tick in one forward (prompt chunks in one more)."""
     t0 = time.perf_counter()
     for seq_id in drafted.tick.release:
         verifier.release(seq_id)
-    outcomes, items = [], []
+    outcomes, items, chunks = [], [], []
     for w, p in zip(drafted.tick.work, drafted.proposals):
         if w.target != target:
             continue
         toks = known_tokens(verifier, w)
         if p is None or toks is None:
             outcomes.append(Outcome(w.seq_id, resync=True))
-            continue
-        outcomes.append(Outcome(w.seq_id, p.drafts, p.exits))
-        items.append(VerifyItem(w.seq_id, toks, p.drafts, p.q, w.params, w.seed + 1))
+        elif p.error:
+            outcomes.append(Outcome(w.seq_id, error=p.error))
+        elif not w.decode:
+            outcomes.append(Outcome(w.seq_id, decoded=False))
+            chunks.append(PrefillItem(w.seq_id, toks))
+        else:
+            outcomes.append(Outcome(w.seq_id, p.drafts, p.exits))
+            items.append(VerifyItem(w.seq_id, toks, p.drafts, p.q, w.params, w.seed + 1))
+    if chunks:
+        verifier.prefill(chunks)
     verdicts = iter(verifier.verify(items) if items else [])
     for o in outcomes:
-        if not o.resync:
+        if o.decoded and not o.resync and not o.error:
             v = next(verdicts)
-            o.tokens, o.accepted = v.tokens, v.accepted
+            o.tokens, o.accepted, o.error = v.tokens, v.accepted, v.error
     return Verified(target, outcomes, drafted.busy_s, time.perf_counter() - t0)
 
 

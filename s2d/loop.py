@@ -13,8 +13,9 @@ from collections.abc import AsyncIterator
 
 import torch
 
+from s2d.request import Request, RequestFailed
 from s2d.scheduler import Scheduler
-from s2d.sequence import Delta, Request
+from s2d.sequence import Delta
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +32,9 @@ class EngineLoop:
     async def stream(self, req: Request, resume: list[int] = (), final_only: bool = False) -> AsyncIterator[Delta]:
         """Deltas of one request until it finishes; the deltas that queued while the consumer was
         busy come as one, and with `final_only` the whole output comes as one delta at the end.
-        Bad input raises RequestError before the first delta; leaving early (cancellation, a client
-        gone) aborts the request and frees its caches."""
+        Bad input raises RequestError before the first delta, a failure of the engine on this
+        request alone raises RequestFailed; leaving early (cancellation, a client gone) aborts the
+        request and frees its caches."""
         loop = asyncio.get_running_loop()
         admitted: asyncio.Future = loop.create_future()
         out: asyncio.Queue = asyncio.Queue()
@@ -49,6 +51,8 @@ class EngineLoop:
                 while True:
                     if isinstance(item, Exception):
                         raise item
+                    if item.error:
+                        raise RequestFailed(f"the engine failed on request {item.seq_id}: {item.error}")
                     pending = item if pending is None else pending.then(item)
                     if item.finished or out.empty():
                         break
@@ -108,7 +112,7 @@ class EngineLoop:
 
     def _fail_running(self, e: Exception):
         for seq_id in list(self.scheduler.running) + [s.seq_id for s in self.scheduler.waiting]:
-            self._send(seq_id, RuntimeError(f"the engine failed: {type(e).__name__}: {e}"))
+            self._send(seq_id, RequestFailed(f"the engine failed: {type(e).__name__}: {e}"))
             self.outputs.pop(seq_id, None)
             self.scheduler.abort(seq_id)
         self.scheduler.drop_inflight()

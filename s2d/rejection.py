@@ -22,6 +22,8 @@ def verify_greedy(drafts: list[int], target_logits: torch.Tensor) -> list[int]:
 
 def verify_sampled(drafts: list[int], q: torch.Tensor | None, p: torch.Tensor, gen) -> list[int]:
     """q [k, V] draft probabilities the drafts were sampled from, p [k+1, V] target probabilities."""
+    if not torch.isfinite(p).all():  # NaN would pass the ratio test silently
+        raise ValueError("the target's probabilities are not finite")
     k = len(drafts)
     if k:
         q = q.to(p.device)

@@ -9,20 +9,25 @@ draft and the targets side by side the draft proposes for one cohort while the t
 other."""
 from __future__ import annotations
 
-import itertools
+import logging
 import time
+import uuid
 from collections import deque
 
-from s2d.config import Limits
+from s2d.config import Limits, Scheduling
 from s2d.executor import Executor, Tick, Verified
 from s2d.metrics import SpecStats
-from s2d.sequence import Delta, Overloaded, Request, RequestError, Sequence, UnknownTarget
+from s2d.request import DuplicateRequest, Overloaded, Request, RequestError, UnknownTarget, check_request
+from s2d.sequence import Delta, Sequence
+
+log = logging.getLogger(__name__)
 
 
 class Scheduler:
     def __init__(self, frontends: dict, limits: Limits, executor: Executor, draft_slots: int,
-                 target_slots: dict[str, int], pipeline: bool = False):
+                 target_slots: dict[str, int], pipeline: bool = False, scheduling: Scheduling = Scheduling()):
         self.frontends, self.limits, self.executor = frontends, limits, executor
+        self.prefill_budget = scheduling.prefill_budget
         self.draft_slots, self.target_slots = draft_slots, target_slots
         self.pipeline = pipeline and getattr(executor, "max_inflight", 1) > 1
         self.waiting: deque[Sequence] = deque()
@@ -31,19 +36,22 @@ class Scheduler:
         self.inflight: deque[tuple[int, object, list[Sequence]]] = deque()  # (cohort, handle, sequences)
         self.to_release: list[str] = []
         self.finished_stats = SpecStats()
-        self._ids = itertools.count()
+        self._id_prefix = uuid.uuid4().hex[:8]  # ids unique across cell replicas
+        self._ids = 0
 
     # -- requests ------------------------------------------------------------------------------
     def add(self, req: Request, resume: list[int] = ()) -> Sequence:
         """Validate and queue a request; bad input raises RequestError naming the field, a full
         queue raises Overloaded. `resume`: output tokens the client already has."""
+        check_request(req, self.limits)
         if req.target not in self.frontends:
             raise UnknownTarget("target", f"unknown target {req.target!r}; known: {sorted(self.frontends)}")
         if len(self.waiting) >= self.limits.max_waiting:
             raise Overloaded(f"{len(self.waiting)} requests already wait (limit {self.limits.max_waiting})")
-        seq_id = req.request_id or f"req-{next(self._ids)}"
+        self._ids += 1
+        seq_id = req.request_id or f"req-{self._id_prefix}-{self._ids}"
         if seq_id in self.running or any(s.seq_id == seq_id for s in self.waiting):
-            raise RequestError("request_id", f"{seq_id!r} is already live")
+            raise DuplicateRequest("request_id", f"{seq_id!r} is already live")
         seq = self.frontends[req.target].sequence(seq_id, req, resume)
         self.waiting.append(seq)
         return seq
@@ -93,10 +101,17 @@ class Scheduler:
         flying = {s.seq_id for _, _, seqs in self.inflight for s in seqs}
         for c in (0, 1) if split else (0,):
             if c not in busy:
-                seqs = [s for s in self.running.values()
-                        if s.seq_id not in flying and (not split or self.cohort.get(s.seq_id) == c)]
+                seqs, work, budget = [], [], self.prefill_budget
+                for s in self.running.values():  # in admission order: prompt chunks go first come, first served
+                    if s.seq_id in flying or (split and self.cohort.get(s.seq_id) != c):
+                        continue
+                    w, used = s.work(budget)
+                    if w is not None:
+                        seqs.append(s)
+                        work.append(w)
+                        budget -= used
                 if seqs or self.to_release:
-                    tick = Tick([s.work() for s in seqs], self.to_release)
+                    tick = Tick(work, self.to_release)
                     self.to_release = []
                     self.inflight.append((c, self.executor.submit(tick), seqs))
         if not self.inflight:
@@ -115,7 +130,11 @@ class Scheduler:
         for s in seqs:
             if s.seq_id not in self.running:  # aborted while its tick was in flight
                 continue
-            d = s.accept(outcomes[s.seq_id])
+            try:
+                d = s.accept(outcomes[s.seq_id])
+            except Exception as e:  # noqa: BLE001 - e.g. its detokenization: this request alone fails
+                log.exception("request %s failed", s.seq_id)
+                d = s.fail(f"{type(e).__name__}: {e}")
             if d is None:
                 continue
             deltas.append(d)
@@ -125,4 +144,4 @@ class Scheduler:
         return deltas
 
 
-__all__ = ["Scheduler", "Request", "RequestError", "UnknownTarget", "Overloaded"]
+__all__ = ["Scheduler", "Request", "RequestError", "UnknownTarget", "Overloaded", "DuplicateRequest"]

@@ -8,38 +8,10 @@ import time
 from dataclasses import dataclass, field
 
 from s2d.config import Profile, SamplingParams
-from s2d.metrics import SpecStats
 from s2d.executor import Outcome, Work
-
-
-class RequestError(ValueError):
-    """Bad input; `field` names the offending request field."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field, self.message = field, message
-
-    def __reduce__(self):  # crosses process boundaries (cell -> ingress) with its field
-        return type(self), (self.field, self.message)
-
-
-class UnknownTarget(RequestError):
-    pass
-
-
-class Overloaded(RuntimeError):
-    pass
-
-
-@dataclass
-class Request:
-    target: str
-    prompt: str | None = None
-    messages: list[dict] | None = None
-    params: SamplingParams = field(default_factory=SamplingParams)
-    mode: str = "s2d"  # s2d | ar | fixed:E (E an exit depth of the draft)
-    raw: bool = False  # skip the chat template for `prompt`
-    request_id: str | None = None
+from s2d.metrics import SpecStats
+from s2d.workers import INLINE_TOKENS
+from s2d.request import Overloaded, Request, RequestError, UnknownTarget  # noqa: F401 - re-exported
 
 
 @dataclass
@@ -53,9 +25,10 @@ class DraftPlan:
     @classmethod
     def for_mode(cls, mode: str, profile: Profile, exits: list[int]) -> "DraftPlan":
         if mode == "s2d":
-            if len(profile.thresholds) != len(exits):
-                raise RequestError("profile.thresholds", f"{len(profile.thresholds)} thresholds for {len(exits)} exits {exits}")
-            return cls(list(profile.thresholds), profile.k_max, profile.stop_threshold)
+            thresholds = profile.thresholds_for(exits)
+            if len(thresholds) != len(exits):
+                raise RequestError("profile.thresholds", f"{len(thresholds)} thresholds for {len(exits)} exits {exits}")
+            return cls(thresholds, profile.k_max, profile.stop_threshold)
         if mode == "ar":
             return cls([0.0] * len(exits), 0, 0.0)
         if mode.startswith("fixed:"):
@@ -73,9 +46,6 @@ def encode_prompt(tokenizer, prompt: str | None, messages: list[dict] | None, ra
     """Chat messages through the chat template; a plain prompt is the user turn where the tokenizer
     has a template (unless raw), else tokenized as plain text."""
     if messages:
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not m.get("role") or not isinstance(m.get("content"), str):
-                raise RequestError("messages", f"message {i} needs a role and a string content")
         if not getattr(tokenizer, "chat_template", None):
             raise RequestError("messages", "this model's tokenizer has no chat template")
         return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
@@ -113,11 +83,12 @@ class Delta:
     finish_reason: str | None = None
     usage: dict | None = None  # on the last delta
     stats: dict | None = None  # on the last delta
+    error: str | None = None  # finish_reason "error": why the engine failed on this request alone
 
     def then(self, later: "Delta") -> "Delta":
         """This delta followed by a later one of the same sequence, as one."""
         return Delta(self.seq_id, self.token_ids + later.token_ids, self.text + later.text, later.finished,
-                     later.finish_reason, later.usage, later.stats)
+                     later.finish_reason, later.usage, later.stats, later.error)
 
 
 class Sequence:
@@ -134,28 +105,45 @@ class Sequence:
         self.stats = SpecStats()
         self.text = tokenizer.decode(self.out, skip_special_tokens=True) if self.out else ""
         self.sent = len(self.text) - self.text.endswith("\ufffd")  # what the client was sent
-        self.finished, self.finish_reason = False, None
+        self.finished, self.finish_reason, self.error = False, None, None
         self.t0 = time.perf_counter()
 
     @property
     def tokens(self) -> list[int]:
         return self.prompt_ids + self.out
 
-    def work(self) -> Work:
-        """This sequence's share of the next tick: the tokens the workers have not seen, and how far to draft."""
+    def work(self, budget: int) -> tuple[Work | None, int]:
+        """This sequence's share of the next tick, and the prefill budget it used: the tokens the
+        workers have not seen, and how far to draft. A prompt longer than the budget goes in chunks
+        (prefill-only work, no output) over several ticks; None when no budget is left this tick."""
         tokens = self.tokens
+        pending = len(tokens) - 1 - self.synced  # to prefill before the last token
+        if pending <= INLINE_TOKENS:
+            pending = 0  # rides in the decode row
+        elif pending > budget:
+            if budget < INLINE_TOKENS:
+                return None, 0
+            w = Work(self.seq_id, self.target, self.synced, tokens[self.synced:self.synced + budget], self.plan.k_max,
+                     self.plan.thresholds, self.plan.stop_threshold, self.params, 0, decode=False)
+            self.synced += budget
+            return w, budget
         remaining = self.params.max_tokens - len(self.out)
         room = self.context - len(tokens) - 1
         k = max(0, min(self.plan.k_max, remaining - 1, room))
         w = Work(self.seq_id, self.target, self.synced, tokens[self.synced:], k, self.plan.thresholds,
                  self.plan.stop_threshold, self.params, self.seed * 1_000_003 + 2 * self.round)
         self.synced = len(tokens)
-        return w
+        return w, pending
 
     def accept(self, o: Outcome) -> Delta | None:
-        """Apply a tick's outcome; None when a worker asked for the full token list (sent next tick)."""
+        """Apply a tick's outcome; None when there is nothing to tell the client: a prompt chunk was
+        prefilled, or a worker asked for the full token list (sent next tick)."""
         if o.resync:
             self.synced = 0
+            return None
+        if o.error:
+            return self.fail(o.error)
+        if not o.decoded:
             return None
         self.round += 1
         self.stats.record(len(o.drafts), o.accepted, len(o.tokens), o.exits)
@@ -181,6 +169,12 @@ class Sequence:
             return Delta(self.seq_id, new, delta)
         return Delta(self.seq_id, new, delta, True, self.finish_reason, self.usage(), self.stats.to_dict())
 
+    def fail(self, error: str) -> Delta:
+        """End this request alone: the engine failed on it (its batch-mates go on)."""
+        self.error = error
+        self._finish("error")
+        return Delta(self.seq_id, [], "", True, "error", self.usage(), self.stats.to_dict(), error)
+
     def _finish(self, reason: str):
         if not self.finished:
             self.finished, self.finish_reason = True, reason
@@ -190,6 +184,6 @@ class Sequence:
         return {"prompt_tokens": len(self.prompt_ids), "completion_tokens": len(self.out)}
 
     def result(self) -> dict:
-        return {"text": self.text, "token_ids": list(self.out), "finish_reason": self.finish_reason,
-                "usage": self.usage(),
-                "stats": self.stats.to_dict()}
+        out = {"text": self.text, "token_ids": list(self.out), "finish_reason": self.finish_reason,
+               "usage": self.usage(), "stats": self.stats.to_dict()}
+        return out | ({"error": self.error} if self.error else {})

@@ -19,6 +19,15 @@ from s2d.rejection import verify_greedy, verify_sampled
 from s2d.sampling import generator, probs_from_logits, sample
 
 
+INLINE_TOKENS = 8  # unseen tokens (before the last) up to this many ride in a decode row; more get a prefill forward
+
+
+@dataclass
+class PrefillItem:
+    seq_id: str
+    tokens: list[int]  # the whole known list; the uncached part is filled, no logits
+
+
 @dataclass
 class ProposeItem:
     seq_id: str
@@ -35,6 +44,7 @@ class Proposal:
     drafts: list[int] = field(default_factory=list)
     exits: list[int] = field(default_factory=list)  # exit depth (layers) of each drafted token
     q: torch.Tensor | None = None  # [k, V] the probabilities each draft was sampled from (sampling only)
+    error: str | None = None  # drafting failed for this sequence alone
 
 
 @dataclass
@@ -51,6 +61,7 @@ class VerifyItem:
 class Verdict:
     tokens: list[int]  # accepted drafts, then one token of the target's
     accepted: int
+    error: str | None = None  # verification failed for this sequence alone
 
 
 class Worker:
@@ -58,6 +69,7 @@ class Worker:
         self.table = SlotTable(n_slots)
         self.known: dict[str, list[int]] = {}  # each live sequence's tokens as its scheduler sent them
         self.batch_sizes: list[int] = []  # sizes of the batches served (for stats)
+        self.prefill_forwards = 0  # forwards that only filled the cache (prompt chunks, long resent parts)
 
     def release(self, seq_id: str) -> bool:
         self.known.pop(seq_id, None)
@@ -66,7 +78,8 @@ class Worker:
     def stats(self) -> dict:
         sizes = self.batch_sizes
         return {"held": self.held, "batches": len(sizes), "max_batch": max(sizes, default=0),
-                "mean_batch": sum(sizes) / len(sizes) if sizes else 0.0, "evicted": self.table.evicted}
+                "mean_batch": sum(sizes) / len(sizes) if sizes else 0.0, "evicted": self.table.evicted,
+                "prefill_forwards": self.prefill_forwards}
 
     def _sync(self, items, truncate) -> tuple[list[int], list[int]]:
         """Slot and reusable cached length of each item."""
@@ -83,6 +96,11 @@ class Worker:
         return len(self.table)
 
 
+def long_uncached(items, cached: list[int]) -> list[int]:
+    """Indices of the items with more than INLINE_TOKENS unseen tokens before their last one."""
+    return [i for i, (it, c) in enumerate(zip(items, cached)) if len(it.tokens) - 1 - c > INLINE_TOKENS]
+
+
 class Proposer(Worker):
     def __init__(self, draft: SortedDraft):
         super().__init__(draft.lm.n_slots)
@@ -90,8 +108,22 @@ class Proposer(Worker):
         self.exits = draft.exits
 
     @torch.inference_mode()
+    def prefill(self, items: list[PrefillItem]):
+        """Prompt chunks through every segment of the draft, in a forward of their own."""
+        slots, _ = self._sync(items, self.draft.truncate)
+        self.prefill_forwards += 1
+        self.draft.prefill(slots, [it.tokens for it in items], [len(it.tokens) for it in items])
+        for it in items:
+            self.table.tokens[it.seq_id] = list(it.tokens)
+
+    @torch.inference_mode()
     def propose(self, items: list[ProposeItem]) -> list[Proposal]:
         slots, _ = self._sync(items, self.draft.truncate)
+        long = long_uncached(items, [self.draft.fill[sl][0] for sl in slots])
+        if long:  # a long unseen part (a resent sequence) is prefilled apart, not padded into the decodes
+            self.prefill_forwards += 1
+            self.draft.prefill([slots[i] for i in long], [items[i].tokens for i in long],
+                               [len(items[i].tokens) - 1 for i in long])
         work = [list(it.tokens) for it in items]
         out = [Proposal() for _ in items]
         qs: list[list[torch.Tensor]] = [[] for _ in items]
@@ -113,17 +145,22 @@ class Proposer(Worker):
                     break
             for i in active:
                 s, logits, conf = emitted[i]
-                if gens[i] is None:
-                    tok = int(logits.argmax())
-                else:
-                    q = probs_from_logits(logits, items[i].params)
-                    tok = sample(q, gens[i])
-                    qs[i].append(q)
+                try:
+                    if gens[i] is None:
+                        tok = int(logits.argmax())
+                    else:
+                        q = probs_from_logits(logits, items[i].params)
+                        tok = sample(q, gens[i])
+                        qs[i].append(q)
+                except Exception as e:  # noqa: BLE001 - this sequence alone fails
+                    out[i].error = f"drafting failed: {type(e).__name__}: {e}"
+                    continue
                 work[i].append(tok)
                 out[i].drafts.append(tok)
                 out[i].exits.append(self.exits[s])
                 emitted[i] = conf
-            active = [i for i in active if len(out[i].drafts) < items[i].k and emitted[i] >= items[i].stop_threshold]
+            active = [i for i in active if not out[i].error and len(out[i].drafts) < items[i].k
+                      and emitted[i] >= items[i].stop_threshold]
         for i, it in enumerate(items):
             self.table.tokens[it.seq_id] = work[i][: self.draft.fill[slots[i]][0]]
             if qs[i]:
@@ -136,10 +173,30 @@ class Verifier(Worker):
         super().__init__(lm.n_slots)
         self.lm = lm
 
+    def _fill(self, slots: list[int], starts: list[int], rows: list[list[int]]):
+        """Write the KV of rows[b] at slots[b] from starts[b] on: a forward without logits."""
+        lm = self.lm
+        self.prefill_forwards += 1
+        lm.run_layers(lm.embed(pad_tokens(rows, lm.first_device)), lm.batch(slots, starts, [len(r) for r in rows]))
+
+    @torch.inference_mode()
+    def prefill(self, items: list[PrefillItem]):
+        """Prompt chunks into the target's cache, in a forward of their own."""
+        slots, common = self._sync(items, lambda slot, n: None)
+        self._fill(slots, common, [it.tokens[c:] for it, c in zip(items, common)])
+        for it in items:
+            self.table.tokens[it.seq_id] = list(it.tokens)
+
     @torch.inference_mode()
     def verify(self, items: list[VerifyItem]) -> list[Verdict]:
         lm = self.lm
         slots, common = self._sync(items, lambda slot, n: None)
+        long = long_uncached(items, common)
+        if long and len(long) < len(items):  # prefilled apart, so the decode rows stay k+1 wide
+            self._fill([slots[i] for i in long], [common[i] for i in long],
+                       [items[i].tokens[common[i]:-1] for i in long])
+            for i in long:
+                common[i] = len(items[i].tokens) - 1
         rows = [it.tokens[c:] + it.drafts for it, c in zip(items, common)]
         batch = lm.batch(slots, common, [len(r) for r in rows])
         self.batch_sizes.append(len(items))
@@ -150,11 +207,16 @@ class Verifier(Worker):
         logits = lm.logits(h[b_idx.to(h.device), t_idx.to(h.device)]).split([len(it.drafts) + 1 for it in items])
         verdicts = []
         for it, lg in zip(items, logits):
-            if it.params.greedy:
-                toks = verify_greedy(it.drafts, lg)
-            else:
-                toks = verify_sampled(it.drafts, it.q, probs_from_logits(lg, it.params),
-                                      generator(it.seed, lg.device))
+            try:
+                if it.params.greedy:
+                    toks = verify_greedy(it.drafts, lg)
+                else:
+                    toks = verify_sampled(it.drafts, it.q, probs_from_logits(lg, it.params),
+                                          generator(it.seed, lg.device))
+            except Exception as e:  # noqa: BLE001 - this sequence alone fails
+                self.table.tokens[it.seq_id] = list(it.tokens)
+                verdicts.append(Verdict([], 0, f"verification failed: {type(e).__name__}: {e}"))
+                continue
             accepted = len(toks) - 1
             self.table.tokens[it.seq_id] = (it.tokens + it.drafts)[: len(it.tokens) + accepted]
             verdicts.append(Verdict(toks, accepted))

@@ -49,4 +49,4 @@ def test_serve_config_names_the_app_builder_and_stubs():
     cfg = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     app = cfg["applications"][0]
     assert app["import_path"] == "deployments.app:build_app"
-    assert cfg["grpc_options"]["grpc_servicer_functions"] == ["s2d.proto.s2d_pb2_grpc.add_S2DServicer_to_server"]
+    assert cfg["grpc_options"]["grpc_servicer_functions"] == ["s2d.proto.servicer.add_S2DServicer_to_server"]

@@ -1,0 +1,132 @@
+"""A request and the one validation path every entry point takes: the in-process engine, gRPC unary
+and stream (deployments/router.py), and HTTP. `parse_request` turns wire data (a dict from a proto
+message or JSON) into a `Request`; `check_request` checks any `Request` against the config's limits.
+The scheduler calls `check_request` on every request it is given, the ingress calls it at the edge
+so that a bad request never reaches a cell. Every refusal is a RequestError that names the field."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from pydantic import ValidationError
+
+from s2d.config import Limits, SamplingParams
+
+
+class RequestError(ValueError):
+    """Bad input; `field` names the offending request field (dotted: `messages.2.role`)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
+
+    def __reduce__(self):  # crosses process boundaries (cell -> ingress) with its field
+        return type(self), (self.field, self.message)
+
+
+class UnknownTarget(RequestError):
+    pass
+
+
+class DuplicateRequest(RequestError):
+    """A request_id that is already live."""
+
+
+class Overloaded(RuntimeError):
+    """The queue is full: try again later."""
+
+
+class RequestFailed(RuntimeError):
+    """The engine failed on this request alone (its batch-mates go on)."""
+
+
+@dataclass
+class Request:
+    target: str
+    prompt: str | None = None
+    messages: list[dict] | None = None
+    params: SamplingParams = field(default_factory=SamplingParams)
+    mode: str = "s2d"  # s2d | ar | fixed:E (E an exit depth of the draft)
+    raw: bool = False  # skip the chat template for `prompt`
+    request_id: str | None = None
+
+
+NAME = re.compile(r"[\x21-\x7e]{1,128}")  # targets, modes, request ids, roles: visible ASCII, no spaces
+ROLE = re.compile(r"[a-z_]{1,32}")
+
+
+def utf8_size(name: str, s) -> int:
+    """Bytes of `s` in UTF-8; a str that cannot be encoded (a lone surrogate, from JSON) is refused."""
+    if not isinstance(s, str):
+        raise RequestError(name, f"must be a string, got {type(s).__name__}")
+    try:
+        return len(s.encode("utf-8"))
+    except UnicodeEncodeError as e:
+        raise RequestError(name, f"not valid UTF-8 (a lone surrogate at character {e.start})") from None
+
+
+def check_name(name: str, s, pattern: re.Pattern = NAME):
+    if not isinstance(s, str) or not pattern.fullmatch(s):
+        raise RequestError(name, f"{s!r:.80} must match {pattern.pattern}")
+
+
+def check_request(req: Request, limits: Limits) -> Request:
+    """Refuse what no target could serve: malformed fields and anything past the config's limits.
+    Checks that need the target (prompt tokens, the mode's exit, the chat template) follow in
+    TargetFrontend.sequence."""
+    check_name("target", req.target)
+    check_name("mode", req.mode)
+    if req.request_id is not None:
+        check_name("request_id", req.request_id)
+    if not isinstance(req.params, SamplingParams):
+        raise RequestError("params", f"must be SamplingParams, got {type(req.params).__name__}")
+    if not isinstance(req.raw, bool):
+        raise RequestError("raw", "must be a bool")
+    size = 0
+    if req.messages is not None and req.prompt is not None:
+        raise RequestError("messages", "give either prompt or messages, not both")
+    if req.messages is not None:
+        if not isinstance(req.messages, list) or not req.messages:
+            raise RequestError("messages", "must be a non-empty list")
+        if len(req.messages) > limits.max_messages:
+            raise RequestError("messages", f"{len(req.messages)} messages exceed the limit {limits.max_messages}")
+        for i, m in enumerate(req.messages):
+            if not isinstance(m, dict) or set(m) != {"role", "content"}:
+                raise RequestError(f"messages.{i}", "must have exactly a role and a content")
+            check_name(f"messages.{i}.role", m["role"], ROLE)
+            size += utf8_size(f"messages.{i}.content", m["content"])
+    elif req.prompt is None:
+        raise RequestError("prompt", "give a prompt or messages")
+    else:
+        size += utf8_size("prompt", req.prompt)
+        if not req.prompt:
+            raise RequestError("prompt", "empty prompt")
+    p = req.params
+    if p.max_tokens > limits.max_new_tokens:
+        raise RequestError("max_tokens", f"{p.max_tokens} exceeds the limit {limits.max_new_tokens}")
+    if len(p.stop) > limits.max_stop:
+        raise RequestError("stop", f"{len(p.stop)} stop strings exceed the limit {limits.max_stop}")
+    for i, s in enumerate(p.stop):
+        n = utf8_size(f"stop.{i}", s)
+        if not s or len(s) > limits.max_stop_chars:
+            raise RequestError(f"stop.{i}", f"a stop string must have 1 to {limits.max_stop_chars} characters")
+        size += n
+    if size > limits.max_request_bytes:
+        raise RequestError("request", f"{size} bytes of text exceed the limit {limits.max_request_bytes}")
+    return req
+
+
+def parse_request(data: dict, limits: Limits) -> Request:
+    """A Request from wire data: {target, prompt | messages, mode, raw, request_id, and the
+    SamplingParams fields}; absent and None fields take their defaults."""
+    data = {k: v for k, v in data.items() if v is not None}
+    req_keys = {"target", "prompt", "messages", "mode", "raw", "request_id"}
+    try:
+        params = SamplingParams.model_validate({k: v for k, v in data.items() if k not in req_keys})
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise RequestError(".".join(map(str, err["loc"])) or "request", err["msg"]) from None
+    req = Request(target=data.get("target", ""), prompt=data.get("prompt"), messages=data.get("messages"),
+                  params=params, mode=data.get("mode", "s2d"), raw=data.get("raw", False),
+                  request_id=data.get("request_id"))
+    return check_request(req, limits)
