@@ -20,8 +20,11 @@ import gc
 import json
 import random
 import sysconfig
+import tempfile
 import threading
 from pathlib import Path
+
+import yaml
 
 from deployments.local import serve_locally, set_local_env, shutdown
 from s2d.bench import code_prompts, heldout_code
@@ -87,9 +90,15 @@ def main():
     ap.add_argument("--concurrency", default=None, help="levels, default: the KV-slot count and twice it")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--timeout", type=float, default=120.0, help="per-request deadline, s")
+    ap.add_argument("--scheduling", default=None, help='override the config\'s scheduling, JSON: \'{"long_chunk": 64}\'')
+    ap.add_argument("--parts", default="plateau,hol", help="which parts to run")
     a = ap.parse_args()
     set_local_env()
     cfg = load_config(a.config)
+    if a.scheduling:
+        cfg.scheduling = cfg.scheduling.model_validate({**cfg.scheduling.model_dump(), **json.loads(a.scheduling)})
+        a.config = str(Path(tempfile.mkdtemp()) / "engine.yaml")
+        Path(a.config).write_text(yaml.safe_dump(cfg.model_dump()))
     slots = cfg.draft.max_seqs
     levels = [int(c) for c in a.concurrency.split(",")] if a.concurrency else [slots, 2 * slots]
     n_jobs = a.jobs or (96 if a.quick else 320)
@@ -113,29 +122,30 @@ def main():
     address = serve_locally(a.config, num_cpus=2)
     try:
         run_load(address, mixed_jobs(prompts, 9, 8), 3, a.timeout)  # warm-up
-        plateau = {}
-        for c in levels:
+        plateau, hol = {}, {}
+        for c in levels if "plateau" in a.parts else []:
             outcomes, wall = run_load(address, jobs, c, a.timeout)
             s = plateau[c] = summarize(outcomes, wall, reference)
             s["error_samples"] = [f"{o.code}: {o.details}" for o in outcomes if not o.ok][:5]
             print("plateau", c, {k: v for k, v in s.items() if k != "error_samples"}, flush=True)
 
-        hol = {}
-        outcomes, wall = run_load(address, shorts, 8, a.timeout, duration_s=duration)
-        hol["alone"] = {"short": summarize(outcomes, wall, reference)}
-        print("hol alone", hol["alone"], flush=True)
-        box = {}
-        bg = threading.Thread(target=lambda: box.update(r=run_load(address, longs, 4, a.timeout,
-                                                                   duration_s=duration + 1.0)))
-        bg.start()
-        outcomes, wall = run_load(address, shorts, 8, a.timeout, duration_s=duration)
-        bg.join()
-        hol["beside long"] = {"short": summarize(outcomes, wall, reference), "long": summarize(*box["r"], reference)}
-        print("hol beside long", hol["beside long"], flush=True)
+        if "hol" in a.parts:
+            outcomes, wall = run_load(address, shorts, 8, a.timeout, duration_s=duration)
+            hol["alone"] = {"short": summarize(outcomes, wall, reference)}
+            print("hol alone", hol["alone"], flush=True)
+            box = {}
+            bg = threading.Thread(target=lambda: box.update(r=run_load(address, longs, 4, a.timeout,
+                                                                       duration_s=duration + 1.0)))
+            bg.start()
+            outcomes, wall = run_load(address, shorts, 8, a.timeout, duration_s=duration)
+            bg.join()
+            hol["beside long"] = {"short": summarize(outcomes, wall, reference), "long": summarize(*box["r"], reference)}
+            print("hol beside long", hol["beside long"], flush=True)
     finally:
         shutdown()
 
-    md = [f"{n_jobs} mixed jobs per level (targets {'/'.join(TARGETS)} round-robin, modes {'/'.join(MODES)}, "
+    md = [f"scheduling: {cfg.scheduling.model_dump()}\n",
+          f"{n_jobs} mixed jobs per level (targets {'/'.join(TARGETS)} round-robin, modes {'/'.join(MODES)}, "
           f"half unary half streaming, greedy, {a.max_tokens} new tokens, held-out code prompts); "
           f"{slots} KV slots per model. wrong: token ids differ from the in-process engine's greedy output.\n",
           "| concurrency | completed | lost | wrong | p50 s | p99 s | p99/p50 | max s | tok/s |",
@@ -143,9 +153,9 @@ def main():
     for c, s in plateau.items():
         md.append(f"| {c} | {s['completed']} | {s['lost']} | {s['wrong']} | {fmt(s['p50_s'])} | {fmt(s['p99_s'])} | "
                   f"{fmt(s['p99_over_p50'])} | {fmt(s['max_s'])} | {s['tokens_per_s']:.1f} |")
-    worst_tail = max(s["p99_over_p50"] for s in plateau.values())
+    worst_tail = max((s["p99_over_p50"] for s in plateau.values()), default=float("nan"))
     md += ["", f"- p99/p50 (worst level): {fmt(worst_tail)} (aim <= 3)"]
-    if len(levels) >= 2:
+    if len(plateau) >= 2:
         lo, hi = plateau[levels[0]], plateau[levels[-1]]
         md.append(f"- tok/s at {levels[-1]} / tok/s at {levels[0]}: {ratio(hi['tokens_per_s'], lo['tokens_per_s']):.3f}"
                   " (aim >= 0.95)")
@@ -154,13 +164,13 @@ def main():
     md += ["", f"Head-of-line blocking: 8 clients sending short prompts (<= 160 characters of held-out code) to "
            f"demo-l, mode s2d, unary, {a.max_tokens} new tokens, for {duration:g} s; beside 4 clients sending long "
            f"prompts (170-line windows of held-out code cut to <= 700 tokens) to demo-l back to back.\n",
-           "| scenario | short completions | short p50 s | short p90 s | short lost / wrong | long completions |",
-           "|---|---|---|---|---|---|"]
+           "| scenario | short completions | short p50 s | short p90 s | short lost / wrong | long completions | long p50 s |",
+           "|---|---|---|---|---|---|---|"]
     for name, r in hol.items():
         s, lg = r["short"], r.get("long")
         md.append(f"| {name} | {s['completed']} | {fmt(s['p50_s'])} | {fmt(s['p90_s'])} | {s['lost']} / {s['wrong']} | "
-                  f"{lg['completed'] if lg else '-'} |")
-    hol_ratio = ratio(hol["beside long"]["short"]["p50_s"], hol["alone"]["short"]["p50_s"])
+                  f"{lg['completed'] if lg else '-'} | {fmt(lg['p50_s']) if lg else '-'} |")
+    hol_ratio = ratio(hol["beside long"]["short"]["p50_s"], hol["alone"]["short"]["p50_s"]) if hol else float("nan")
     md += ["", f"- short p50 beside long / alone: {hol_ratio:.2f} (aim <= 2)"]
     print("\n" + "\n".join(md))
     if a.out:

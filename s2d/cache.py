@@ -14,11 +14,10 @@ class KVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=d) for d in layer_devices]
         self.v = [torch.zeros(shape, dtype=dtype, device=d) for d in layer_devices]
 
-    def write(self, layer: int, slots, write_pos, k, v):
-        """k, v: [B, Hkv, T, D] stored at write_pos [B, T] of the given slots."""
-        idx = slots[:, None].expand_as(write_pos)
-        self.k[layer][idx, :, write_pos] = k.transpose(1, 2)
-        self.v[layer][idx, :, write_pos] = v.transpose(1, 2)
+    def write(self, layer: int, tok_slots, write_pos, k, v):
+        """k, v: [B, Hkv, T, D] stored at write_pos [B, T] of the slots tok_slots [B, T]."""
+        self.k[layer][tok_slots, :, write_pos] = k.transpose(1, 2)
+        self.v[layer][tok_slots, :, write_pos] = v.transpose(1, 2)
 
     def read(self, layer: int, slots, n_keys: int, contiguous_from: int | None):
         """Keys and values of the first n_keys positions: a view when slots are adjacent."""

@@ -35,7 +35,7 @@ def cmd_generate(a):
 
     from s2d.config import SamplingParams
     from s2d.engine import Engine, Request
-    from s2d.sequence import RequestError
+    from s2d.request import RequestError
 
     cfg = _config_from_args(a)
     try:
@@ -52,6 +52,8 @@ def cmd_generate(a):
     except RequestError as e:
         raise SystemExit(f"error: {e}")
     result = engine.last_result
+    if result.get("error"):
+        raise SystemExit(f"error: {result['error']}")
     if a.json:
         print(json.dumps(result))
     else:

@@ -97,9 +97,14 @@ class Limits(Strict):
 
 
 class Scheduling(Strict):
-    # Prompt tokens prefilled per tick over all sequences, in their own forward beside the decodes:
-    # a long prompt takes several ticks instead of stalling every decode of its batch for one.
-    prefill_budget: int = Field(128, ge=8)
+    """Chunked prefill (as vLLM's long_prefill_token_threshold / max_long_partial_prefills=1): prompt
+    tokens are prefilled beside the decodes, in a group of the forward of their own (never padded
+    into the decode rows), under a per-tick budget. A long prompt goes in chunks, one long prompt at
+    a time, after the short ones: it cannot stall the decodes, nor the prompts queued behind it."""
+
+    prefill_budget: int = Field(256, ge=8)  # prompt tokens per tick over all sequences
+    long_prompt: int = Field(128, ge=8)  # a prompt with more unseen tokens than this is long
+    long_chunk: int = Field(64, ge=8)  # tokens a long prompt prefills per tick
 
 
 class CellSpec(Strict):

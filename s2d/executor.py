@@ -121,9 +121,7 @@ def verify_tick(verifier: Verifier, target: str, drafted: Drafted) -> Verified:
         else:
             outcomes.append(Outcome(w.seq_id, p.drafts, p.exits))
             items.append(VerifyItem(w.seq_id, toks, p.drafts, p.q, w.params, w.seed + 1))
-    if chunks:
-        verifier.prefill(chunks)
-    verdicts = iter(verifier.verify(items) if items else [])
+    verdicts = iter(verifier.verify(items, chunks) if items or chunks else [])
     for o in outcomes:
         if o.decoded and not o.resync and not o.error:
             v = next(verdicts)

@@ -59,19 +59,33 @@ def rotate_half(x):
 
 
 @dataclass
-class Batch:
-    """Where each row's new tokens go: row b holds counts[b] tokens at positions starts[b]..."""
+class Group:
+    """Rows of a forward that share a width (tokens per row, right-padded) and a key length: the
+    unit of one attention call. A packed forward holds several, so that a prompt chunk is not
+    padded into the decode rows and short contexts do not attend over a long one's keys."""
 
-    slots: torch.Tensor  # [B]
-    pos: torch.Tensor  # [B, T] positions (padding rows continue counting)
-    write_pos: torch.Tensor  # [B, T] cache rows to write (padding -> scratch row)
-    mask: torch.Tensor  # [B, 1, T, n_keys]
+    start: int  # offset of the group's first token in the flat token sequence
+    rows: int
+    width: int
+    slots: torch.Tensor  # [rows]
+    mask: torch.Tensor  # [rows, 1, width, n_keys]
     n_keys: int
-    contiguous_from: int | None
+    contiguous_from: int | None  # slots are adjacent: the cache is read as a view
+
+
+@dataclass
+class Batch:
+    """Where each row's new tokens go: row b holds counts[b] tokens at positions starts[b]... The
+    tensors are [B, T], or [1, N] for a packed forward (every group's rows flattened in order)."""
+
+    tok_slots: torch.Tensor  # [B, T] the slot of each token
+    pos: torch.Tensor  # [B, T] positions (padding continues counting)
+    write_pos: torch.Tensor  # [B, T] cache rows to write (padding -> scratch row)
+    groups: list[Group]
     counts: list[int]
 
     @property
-    def last(self) -> torch.Tensor:  # index of each row's last real token
+    def last(self) -> torch.Tensor:  # index of each row's last real token (one-group batches)
         return torch.tensor([c - 1 for c in self.counts], device=self.pos.device)
 
 
@@ -94,10 +108,19 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        cache.write(layer, b.slots, b.write_pos, k, v)
-        keys, values = cache.read(layer, b.slots, b.n_keys, b.contiguous_from)
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=b.mask, enable_gqa=self.n_kv != self.n_heads)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        cache.write(layer, b.tok_slots, b.write_pos, k, v)
+        if len(b.groups) == 1 and b.groups[0].rows == B:  # [B, T]: one attention call
+            g = b.groups[0]
+            keys, values = cache.read(layer, g.slots, g.n_keys, g.contiguous_from)
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=g.mask, enable_gqa=self.n_kv != self.n_heads)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        ys, q = [], q[0]  # packed: [H, N, D], one attention call per group
+        for g in b.groups:
+            qg = q[:, g.start:g.start + g.rows * g.width].view(self.n_heads, g.rows, g.width, -1).transpose(0, 1)
+            keys, values = cache.read(layer, g.slots, g.n_keys, g.contiguous_from)
+            y = F.scaled_dot_product_attention(qg, keys, values, attn_mask=g.mask, enable_gqa=self.n_kv != self.n_heads)
+            ys.append(y.transpose(0, 1).reshape(self.n_heads, g.rows * g.width, -1))
+        return self.o_proj(torch.cat(ys, 1).transpose(0, 1).reshape(1, T, -1))
 
 
 class MLP(nn.Module):
@@ -208,6 +231,23 @@ class CausalLM(nn.Module):
     # -- forward -------------------------------------------------------------------------------
     def batch(self, slots: list[int], starts: list[int], counts: list[int]) -> Batch:
         """Describe a forward of counts[b] new tokens for slot slots[b] starting at starts[b]."""
+        g, pos, write_pos = self._group(0, slots, starts, counts)
+        return Batch(g.slots[:, None].expand_as(pos), pos.clamp(max=self.max_len - 1), write_pos, [g], counts)
+
+    def packed(self, groups: list[tuple[list[int], list[int], list[int]]]) -> Batch:
+        """One forward over several groups of (slots, starts, counts), their tokens flattened in
+        order (see `pack_tokens`): each group is padded to its own width only."""
+        start, parts, out, counts = 0, [], [], []
+        for slots, starts, cnt in groups:
+            g, pos, write_pos = self._group(start, slots, starts, cnt)
+            parts.append((g.slots[:, None].expand_as(pos), pos, write_pos))
+            out.append(g)
+            counts += cnt
+            start += g.rows * g.width
+        tok_slots, pos, write_pos = (torch.cat([p[i].reshape(-1) for p in parts])[None] for i in range(3))
+        return Batch(tok_slots, pos.clamp(max=self.max_len - 1), write_pos, out, counts)
+
+    def _group(self, start: int, slots: list[int], starts: list[int], counts: list[int]):
         dev = self.first_device
         T = max(counts)
         end = max(s + c for s, c in zip(starts, counts))
@@ -223,8 +263,9 @@ class CausalLM(nn.Module):
         if self.window:
             mask &= keys[None, None, :] > pos[:, :, None] - self.window
         contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
-        return Batch(torch.tensor(slots, device=dev), pos.clamp(max=self.max_len - 1), write_pos,
-                     mask[:, None], n_keys, slots[0] if contiguous else None, counts)
+        g = Group(start, len(slots), T, torch.tensor(slots, device=dev), mask[:, None], n_keys,
+                  slots[0] if contiguous else None)
+        return g, pos, write_pos
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(tokens.to(self.first_device))
@@ -252,7 +293,9 @@ class CausalLM(nn.Module):
 
 
 def _batch_to(b: Batch, dev) -> Batch:
-    return Batch(b.slots.to(dev), b.pos.to(dev), b.write_pos.to(dev), b.mask.to(dev), b.n_keys, b.contiguous_from, b.counts)
+    groups = [Group(g.start, g.rows, g.width, g.slots.to(dev), g.mask.to(dev), g.n_keys, g.contiguous_from)
+              for g in b.groups]
+    return Batch(b.tok_slots.to(dev), b.pos.to(dev), b.write_pos.to(dev), groups, b.counts)
 
 
 def load_safetensors_dir(path) -> dict[str, torch.Tensor]:
@@ -273,3 +316,13 @@ def load_safetensors_dir(path) -> dict[str, torch.Tensor]:
 def pad_tokens(rows: list[list[int]], device) -> torch.Tensor:
     T = max(len(r) for r in rows)
     return torch.tensor([r + [0] * (T - len(r)) for r in rows], device=device)
+
+
+def pack_tokens(groups: list[list[list[int]]], device) -> torch.Tensor:
+    """[1, N]: each group's rows right-padded to the group's width, all flattened in order."""
+    flat = []
+    for rows in groups:
+        T = max(len(r) for r in rows)
+        for r in rows:
+            flat += r + [0] * (T - len(r))
+    return torch.tensor([flat], device=device)

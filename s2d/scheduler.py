@@ -27,7 +27,7 @@ class Scheduler:
     def __init__(self, frontends: dict, limits: Limits, executor: Executor, draft_slots: int,
                  target_slots: dict[str, int], pipeline: bool = False, scheduling: Scheduling = Scheduling()):
         self.frontends, self.limits, self.executor = frontends, limits, executor
-        self.prefill_budget = scheduling.prefill_budget
+        self.sched = scheduling
         self.draft_slots, self.target_slots = draft_slots, target_slots
         self.pipeline = pipeline and getattr(executor, "max_inflight", 1) > 1
         self.waiting: deque[Sequence] = deque()
@@ -101,15 +101,8 @@ class Scheduler:
         flying = {s.seq_id for _, _, seqs in self.inflight for s in seqs}
         for c in (0, 1) if split else (0,):
             if c not in busy:
-                seqs, work, budget = [], [], self.prefill_budget
-                for s in self.running.values():  # in admission order: prompt chunks go first come, first served
-                    if s.seq_id in flying or (split and self.cohort.get(s.seq_id) != c):
-                        continue
-                    w, used = s.work(budget)
-                    if w is not None:
-                        seqs.append(s)
-                        work.append(w)
-                        budget -= used
+                seqs, work = self._plan([s for s in self.running.values() if s.seq_id not in flying
+                                         and (not split or self.cohort.get(s.seq_id) == c)])
                 if seqs or self.to_release:
                     tick = Tick(work, self.to_release)
                     self.to_release = []
@@ -118,6 +111,22 @@ class Scheduler:
             return []
         _, handle, seqs = self.inflight.popleft()
         return self._accept(seqs, self.executor.result(handle))
+
+    def _plan(self, candidates: list[Sequence]) -> tuple[list[Sequence], list]:
+        """Each candidate's work for one tick under the prefill budget: decodes and short prompts
+        first, then one chunk of the oldest long prompt; the other long prompts wait a tick."""
+        sched, budget, long_taken, seqs, work = self.sched, self.sched.prefill_budget, False, [], []
+        is_long = {s.seq_id: s.pending > 0 and len(s.tokens) > sched.long_prompt for s in candidates}  # to its last chunk
+        for s in sorted(candidates, key=lambda s: is_long[s.seq_id]):  # stable: in admission order
+            allowance = budget
+            if is_long[s.seq_id]:
+                allowance, long_taken = (0 if long_taken else min(sched.long_chunk, budget)), True
+            w, used = s.work(allowance)
+            if w is not None:
+                seqs.append(s)
+                work.append(w)
+                budget -= used
+        return seqs, work
 
     def drop_inflight(self):
         """After a failed tick: forget the ticks in flight (the caller aborts their sequences)."""

@@ -112,15 +112,18 @@ class Sequence:
     def tokens(self) -> list[int]:
         return self.prompt_ids + self.out
 
+    @property
+    def pending(self) -> int:
+        """Tokens to prefill before the last one, where more than ride in a decode row."""
+        n = len(self.prompt_ids) + len(self.out) - 1 - self.synced
+        return n if n > INLINE_TOKENS else 0
+
     def work(self, budget: int) -> tuple[Work | None, int]:
         """This sequence's share of the next tick, and the prefill budget it used: the tokens the
         workers have not seen, and how far to draft. A prompt longer than the budget goes in chunks
         (prefill-only work, no output) over several ticks; None when no budget is left this tick."""
-        tokens = self.tokens
-        pending = len(tokens) - 1 - self.synced  # to prefill before the last token
-        if pending <= INLINE_TOKENS:
-            pending = 0  # rides in the decode row
-        elif pending > budget:
+        tokens, pending = self.tokens, self.pending
+        if pending > budget:
             if budget < INLINE_TOKENS:
                 return None, 0
             w = Work(self.seq_id, self.target, self.synced, tokens[self.synced:self.synced + budget], self.plan.k_max,

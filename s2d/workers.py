@@ -14,7 +14,7 @@ import torch
 from s2d.cache import SlotTable
 from s2d.config import SamplingParams
 from s2d.draft import SortedDraft
-from s2d.model import CausalLM, pad_tokens
+from s2d.model import KEY_BUCKET, CausalLM, pack_tokens
 from s2d.rejection import verify_greedy, verify_sampled
 from s2d.sampling import generator, probs_from_logits, sample
 
@@ -168,45 +168,57 @@ class Proposer(Worker):
         return out
 
 
+def split_by_keys(rows: list[int], ends: list[int]) -> list[list[int]]:
+    """The decode rows in one group, or two when the longest context is more than twice the
+    shortest: short contexts then do not attend over the long one's keys."""
+    order = sorted(rows, key=lambda i: ends[i])
+    if len(order) < 2 or ends[order[-1]] <= 2 * max(ends[order[0]], KEY_BUCKET):
+        return [order]
+    cut = max(range(1, len(order)), key=lambda j: ends[order[j]] / max(ends[order[j - 1]], 1))
+    return [order[:cut], order[cut:]]
+
+
 class Verifier(Worker):
     def __init__(self, lm: CausalLM):
         super().__init__(lm.n_slots)
         self.lm = lm
 
-    def _fill(self, slots: list[int], starts: list[int], rows: list[list[int]]):
-        """Write the KV of rows[b] at slots[b] from starts[b] on: a forward without logits."""
-        lm = self.lm
-        self.prefill_forwards += 1
-        lm.run_layers(lm.embed(pad_tokens(rows, lm.first_device)), lm.batch(slots, starts, [len(r) for r in rows]))
-
     @torch.inference_mode()
-    def prefill(self, items: list[PrefillItem]):
-        """Prompt chunks into the target's cache, in a forward of their own."""
-        slots, common = self._sync(items, lambda slot, n: None)
-        self._fill(slots, common, [it.tokens[c:] for it, c in zip(items, common)])
-        for it in items:
-            self.table.tokens[it.seq_id] = list(it.tokens)
-
-    @torch.inference_mode()
-    def verify(self, items: list[VerifyItem]) -> list[Verdict]:
+    def verify(self, items: list[VerifyItem], chunks: list[PrefillItem] = ()) -> list[Verdict]:
+        """One forward for the tick: prompt chunks (and long unseen parts) fill the cache in a group
+        of their own, the decode rows (k+1 wide) are verified in one or two more."""
         lm = self.lm
-        slots, common = self._sync(items, lambda slot, n: None)
-        long = long_uncached(items, common)
-        if long and len(long) < len(items):  # prefilled apart, so the decode rows stay k+1 wide
-            self._fill([slots[i] for i in long], [common[i] for i in long],
-                       [items[i].tokens[common[i]:-1] for i in long])
-            for i in long:
-                common[i] = len(items[i].tokens) - 1
-        rows = [it.tokens[c:] + it.drafts for it, c in zip(items, common)]
-        batch = lm.batch(slots, common, [len(r) for r in rows])
+        every = [*chunks, *items]
+        slots, common = self._sync(every, lambda slot, n: None)
+        fill = [(slots[i], common[i], it.tokens[common[i]:]) for i, it in enumerate(chunks)]
+        rows = []  # per item: its decode row, from where it starts
+        for i, it in enumerate(items, len(chunks)):
+            if len(it.tokens) - 1 - common[i] > 1:  # its unseen part is filled beside, not padded in
+                fill.append((slots[i], common[i], it.tokens[common[i]:-1]))
+                common[i] = len(it.tokens) - 1
+            rows.append(it.tokens[common[i]:] + it.drafts)
+        groups = [[*zip(*fill)]] if fill else []
+        dec = split_by_keys(list(range(len(items))), [common[len(chunks) + i] + len(r) for i, r in enumerate(rows)])
+        for g in dec if items else []:
+            groups.append([[slots[len(chunks) + i] for i in g], [common[len(chunks) + i] for i in g], [rows[i] for i in g]])
+        if fill:
+            self.prefill_forwards += 1
         self.batch_sizes.append(len(items))
-        h = lm.run_layers(lm.embed(pad_tokens(rows, lm.first_device)), batch)
-        # logits only where they are needed: the last k+1 positions of each row
-        b_idx = torch.cat([torch.full((len(it.drafts) + 1,), b) for b, it in enumerate(items)])
-        t_idx = torch.cat([torch.arange(len(r) - len(it.drafts) - 1, len(r)) for r, it in zip(rows, items)])
-        logits = lm.logits(h[b_idx.to(h.device), t_idx.to(h.device)]).split([len(it.drafts) + 1 for it in items])
+        batch = lm.packed([(list(sl), list(st), [len(r) for r in rs]) for sl, st, rs in groups])
+        h = lm.run_layers(lm.embed(pack_tokens([list(rs) for _, _, rs in groups], lm.first_device)), batch)
+        for it in chunks:
+            self.table.tokens[it.seq_id] = list(it.tokens)
+        if not items:
+            return []
+        # logits only where they are needed: the last k+1 positions of each decode row
+        at = {}
+        for grp, g in zip(batch.groups[1 if fill else 0:], dec):
+            for r, i in enumerate(g):
+                end = grp.start + r * grp.width + len(rows[i])
+                at[i] = torch.arange(end - len(items[i].drafts) - 1, end)
+        logits = lm.logits(h[0, torch.cat([at[i] for i in range(len(items))]).to(h.device)])
         verdicts = []
-        for it, lg in zip(items, logits):
+        for it, lg in zip(items, logits.split([len(it.drafts) + 1 for it in items])):
             try:
                 if it.params.greedy:
                     toks = verify_greedy(it.drafts, lg)

@@ -46,6 +46,17 @@ def make_config(family, draft="draft", targets=("small", "large"), **target_kw) 
     })
 
 
+def served(config_path, timeout: float = 120):
+    """Serve a config on a local Ray cluster; yields a gRPC client of it, then shuts Ray down."""
+    from deployments.local import serve_locally, shutdown
+    from s2d.client import S2DClient
+
+    client = S2DClient(serve_locally(str(config_path), num_cpus=2), timeout=timeout)
+    yield client
+    client.close()
+    shutdown()
+
+
 @pytest.fixture(scope="session")
 def smollm2(tmp_path_factory) -> Path:
     from s2d.convert import convert_gguf

@@ -15,7 +15,7 @@ from s2d.config import EngineConfig, SamplingParams, load_config
 from s2d.engine import Engine, Request, greedy
 from s2d.sequence import RequestError, UnknownTarget
 
-from conftest import make_config
+from conftest import PROMPTS, make_config
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +60,38 @@ def test_bad_requests_fail_alone_while_others_complete(engine):
     assert seq.out == expected and engine.proposer.held == 0 and engine.verifiers["small"].held == 0
 
 
+MARKED = 0.777  # the temperature of the requests whose probabilities the fault below poisons
+
+
+def test_a_failure_inside_one_sequence_ends_it_alone(family, monkeypatch):
+    """Fault injection in the sampling step (NaN probabilities for marked requests): drafting fails
+    for the s2d ones, the target's rejection step for the ar ones. Each fails alone with finish
+    reason "error" and a message; its batch-mates of both targets give exactly their outputs."""
+    import s2d.workers
+
+    real = s2d.workers.probs_from_logits
+
+    def poisoned(logits, params):
+        p = real(logits, params)
+        return p * float("nan") if params.temperature == MARKED else p
+
+    engine = Engine.from_config(make_config(family))
+    good = [Request(target=t, prompt=p, params=greedy(16, ignore_eos=True), mode=m)
+            for t, p, m in zip(["small", "large"] * 3, PROMPTS, ["s2d", "ar", "fixed:2"] * 2)]
+    want = [r["token_ids"] for r in engine.generate(good)]
+    monkeypatch.setattr(s2d.workers, "probs_from_logits", poisoned)
+    bad = [Request(target=t, prompt="x = 1", mode=m, params=SamplingParams(temperature=MARKED, max_tokens=16))
+           for t, m in [("small", "s2d"), ("large", "ar")]]
+    results = engine.generate([good[0], bad[0], *good[1:4], bad[1], *good[4:]])
+    failed = [results[1], results[5]]
+    assert [r["finish_reason"] for r in failed] == ["error", "error"]
+    assert "drafting failed" in failed[0]["error"] and "not finite" in failed[1]["error"]
+    assert [r["token_ids"] for r in results[:1] + results[2:5] + results[6:]] == want
+    while engine.has_work:
+        engine.step()
+    assert engine.proposer.held == 0 and all(v.held == 0 for v in engine.verifiers.values())
+
+
 def test_streaming_gives_the_same_text_as_unary(engine):
     req = Request(target="large", prompt="import json", params=greedy(30, ignore_eos=True))
     unary = engine.generate([req])[0]
@@ -96,9 +128,10 @@ def test_config_errors_name_the_field(tmp_path, family):
         Engine.from_config(make_config(family, targets=("small",), profile={"thresholds": [0.5, 0.0]}))
 
 
-def test_cli_generate_json_s2d_equals_ar(family):
+@pytest.mark.parametrize("draft", ["draft", "full-draft"])  # exits [1, 2, 3] and [2, 4]: defaults fit any draft
+def test_cli_generate_json_s2d_equals_ar(family, draft):
     args = [sys.executable, "-m", "s2d.cli", "generate", "--target-path", str(family["large"]), "--draft-path",
-            str(family["draft"]), "--prompt", "def encode(o):", "--max-tokens", "20", "--json"]
+            str(family[draft]), "--prompt", "def encode(o):", "--max-tokens", "20", "--json"]
     runs = {m: json.loads(subprocess.run(args + ["--mode", m], capture_output=True, text=True, check=True)
                           .stdout.strip().splitlines()[-1]) for m in ("s2d", "ar")}
     assert runs["s2d"]["token_ids"] == runs["ar"]["token_ids"] and runs["s2d"]["text"] == runs["ar"]["text"]

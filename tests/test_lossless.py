@@ -83,7 +83,7 @@ def test_long_prompts_prefilled_in_chunks_beside_decodes_equal_target(family, mo
     text = stdlib_texts()[1]
     long = [tok.decode(tok(text[i * 500:])["input_ids"][: 100 + 26 * i]) for i in range(6)]
     cfg = make_config(family)
-    cfg.scheduling.prefill_budget = 16
+    cfg.scheduling = cfg.scheduling.model_validate({"prefill_budget": 64, "long_prompt": 16, "long_chunk": 16})
     eng = Engine.from_config(cfg)
     reqs = [Request(target=t, prompt=p, params=greedy(N_NEW, ignore_eos=True), mode=mode)
             for p in [*long, *PROMPTS[:6]] for t in ("small", "large")]
@@ -99,7 +99,7 @@ def test_long_prompts_prefilled_in_chunks_beside_decodes_equal_target(family, mo
     assert (eng.proposer.prefill_forwards > 0) == (mode == "s2d")
     # the draft's caches too: the same drafts as with whole-prompt prefill (greedy equality alone
     # would hide a wrong draft cache, which only lowers acceptance)
-    cfg.scheduling.prefill_budget = 1024
+    cfg.scheduling.prefill_budget, cfg.scheduling.long_prompt = 1024, 1024
     whole = Engine.from_config(cfg).generate(reqs)
     assert [r["stats"]["exit_histogram"] for r in whole] == [r["stats"]["exit_histogram"] for r in results]
     assert [r["stats"]["accepted_at"] for r in whole] == [r["stats"]["accepted_at"] for r in results]

@@ -19,7 +19,7 @@ from s2d.engine import Engine, Request, greedy
 from s2d.load import Job, reference_outputs, run_load, summarize
 from s2d.proto import s2d_pb2 as pb
 
-from conftest import PROMPTS, make_config
+from conftest import PROMPTS, make_config, served
 
 IA, NF, AE = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS
 LIMITS = {"max_prompt_tokens": 128, "max_new_tokens": 64, "max_stop": 4, "max_stop_chars": 32, "max_messages": 4,
@@ -39,14 +39,9 @@ def reliability_config(family):
 
 @pytest.fixture(scope="module")
 def server(family, tmp_path_factory):
-    from deployments.local import serve_locally, shutdown
-
     path = tmp_path_factory.mktemp("reliability") / "engine.yaml"
     path.write_text(yaml.safe_dump(reliability_config(family).model_dump()))
-    client = S2DClient(serve_locally(str(path), num_cpus=2), timeout=60)
-    yield client
-    client.close()
-    shutdown()
+    yield from served(path, timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -248,3 +243,9 @@ def test_64_clients_mixed_load_loses_nothing_and_keeps_the_tail_bounded(server, 
     print(f"\nload: {s}")
     assert (s["completed"], s["lost"], s["wrong"], s["checked"]) == (256, 0, 0, 256), s
     assert s["p99_s"] <= 3 * s["p50_s"], s
+    # admission kept the live sequences within the KV slots: nothing was evicted
+    from ray import serve
+
+    stats = serve.get_deployment_handle("cell-main", "s2d").stats.remote().result()
+    assert [stats[m]["evicted"] for m in ("draft", "small", "large")] == [0, 0, 0], stats
+    assert stats["draft"]["max_batch"] <= 16 and max(stats[m]["max_batch"] for m in ("small", "large")) <= 8, stats

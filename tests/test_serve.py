@@ -14,10 +14,9 @@ import ray
 import yaml
 from ray import serve
 
-from s2d.client import S2DClient
 from s2d.engine import Engine, Request, greedy
 
-from conftest import PROMPTS, make_config
+from conftest import PROMPTS, make_config, served
 
 N = 16
 TARGETS = ("small", "large", "other")
@@ -37,12 +36,7 @@ def config(family, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(config):
-    from deployments.local import serve_locally, shutdown
-
-    client = S2DClient(serve_locally(str(config), num_cpus=2), timeout=120)
-    yield client
-    client.close()
-    shutdown()
+    yield from served(config)
 
 
 @pytest.fixture(scope="module")
