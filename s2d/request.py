@@ -51,8 +51,8 @@ class Request:
     request_id: str | None = None
 
 
-NAME = re.compile(r"[\x21-\x7e]{1,128}")  # targets, modes, request ids, roles: visible ASCII, no spaces
-ROLE = re.compile(r"[a-z_]{1,32}")
+NAME = (re.compile(r"[\x21-\x7e]{1,128}"), "1 to 128 visible ASCII characters (no spaces or control characters)")
+ROLE = (re.compile(r"[a-z_]{1,32}"), "1 to 32 characters of a-z and _")
 
 
 def utf8_size(name: str, s) -> int:
@@ -65,9 +65,10 @@ def utf8_size(name: str, s) -> int:
         raise RequestError(name, f"not valid UTF-8 (a lone surrogate at character {e.start})") from None
 
 
-def check_name(name: str, s, pattern: re.Pattern = NAME):
-    if not isinstance(s, str) or not pattern.fullmatch(s):
-        raise RequestError(name, f"{s!r:.80} must match {pattern.pattern}")
+def check_name(name: str, s, rule: tuple[re.Pattern, str] = NAME):
+    """Targets, modes, request ids (NAME) and roles (ROLE): echoed in responses and logs, so plain."""
+    if not isinstance(s, str) or not rule[0].fullmatch(s):
+        raise RequestError(name, f"{s!r:.60} is not {rule[1]}")
 
 
 def check_request(req: Request, limits: Limits) -> Request:

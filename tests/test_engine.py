@@ -11,7 +11,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from s2d.config import EngineConfig, SamplingParams, load_config
+from s2d.config import EngineConfig, Limits, SamplingParams, load_config
 from s2d.engine import Engine, Request, greedy
 from s2d.sequence import RequestError, UnknownTarget
 
@@ -32,6 +32,28 @@ def test_bad_sampling_params_name_the_field(kw, field):
     with pytest.raises(ValidationError) as e:
         SamplingParams(**kw)
     assert e.value.errors()[0]["loc"] == (field,)
+
+
+@pytest.mark.parametrize("data,field", [
+    ({"prompt": "a\ud800b"}, "prompt"),  # a lone surrogate (JSON can carry one): not UTF-8
+    ({"prompt": 5}, "prompt"), ({"prompt": None, "messages": [{"role": "user", "content": 3}]}, "messages.0.content"),
+    ({"prompt": None, "messages": [{"role": "user"}]}, "messages.0"), ({"prompt": None, "messages": []}, "messages"),
+    ({"prompt": None, "messages": [{"role": "user", "content": "x", "name": "n"}]}, "messages.0"),
+    ({"temperature": "0.5"}, "temperature"), ({"top_k": True}, "top_k"), ({"max_tokens": 2.5}, "max_tokens"),
+    ({"seed": 2**64}, "seed"), ({"stop": "abc"}, "stop"), ({"stop": ["a\ud800"]}, "stop.0"),
+    ({"bogus": 1}, "bogus"), ({"raw": "yes"}, "raw"), ({"mode": None, "target": 3}, "target"),
+    ({"temperature": 1e309}, "temperature"), ({"top_p": 5e-324}, None),  # a float64 denormal top_p is valid
+])
+def test_wire_data_is_checked_field_by_field(data, field):
+    from s2d.request import parse_request
+
+    data = {"target": "small", "prompt": "x", **data}
+    if field is None:
+        assert parse_request(data, Limits()).params.top_p > 0
+        return
+    with pytest.raises(RequestError) as e:
+        parse_request(data, Limits())
+    assert e.value.field == field, str(e.value)
 
 
 def test_bad_requests_fail_alone_while_others_complete(engine):
