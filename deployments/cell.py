@@ -14,7 +14,8 @@ from deployments.executor import RayExecutor
 from s2d.config import EngineConfig
 from s2d.engine import load_in_process, scheduler_for
 from s2d.loop import EngineLoop
-from s2d.sequence import Delta, Request
+from s2d.request import Request
+from s2d.sequence import Delta
 
 
 @serve.deployment

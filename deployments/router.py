@@ -81,6 +81,8 @@ class S2DRouter:
                 text.append(d.text)
                 tokens += d.token_ids
                 last = d
+            if last is None:
+                raise RequestFailed("the cell ended the request without an answer")
         except Exception as e:  # noqa: BLE001 - mapped to a status, the server keeps serving
             raise self._fail(grpc_context, e) from None
         return pb.GenerateResponse(text="".join(text), token_ids=tokens, finish_reason=last.finish_reason,
@@ -99,10 +101,16 @@ class S2DRouter:
             raise self._fail(grpc_context, e) from None
 
     async def ListTargets(self, request, grpc_context) -> pb.ListTargetsResponse:
+        self._refuse_undecodable(request, grpc_context)
         return pb.ListTargetsResponse(targets=self.targets, draft_exits=self.exits)
 
     async def Health(self, request, grpc_context) -> pb.HealthResponse:
+        self._refuse_undecodable(request, grpc_context)
         return pb.HealthResponse(status="ok")
+
+    def _refuse_undecodable(self, request, grpc_context):
+        if isinstance(request, Undecodable):
+            raise self._fail(grpc_context, RequestError(request.field, request.message))
 
     async def cell_stats(self) -> dict:
         """Each cell's actor stats and busy fractions (for tests, benchmarks and operators)."""

@@ -19,6 +19,13 @@ class KVCache:
         self.k[layer][tok_slots, :, write_pos] = k.transpose(1, 2)
         self.v[layer][tok_slots, :, write_pos] = v.transpose(1, 2)
 
+    def clear(self, slot: int):
+        """Zero a slot: masked positions still enter attention (0 * NaN is NaN), so a slot that held
+        a failed sequence's non-finite values is cleared before anyone else gets it."""
+        for k, v in zip(self.k, self.v):
+            k[slot].zero_()
+            v[slot].zero_()
+
     def read(self, layer: int, slots, n_keys: int, contiguous_from: int | None):
         """Keys and values of the first n_keys positions: a view when slots are adjacent."""
         if contiguous_from is not None:

@@ -43,7 +43,7 @@ class SamplingParams(Strict):
     """Per request. temperature 0 (or below GREEDY_BELOW) is greedy. Types are strict: a string is
     not a number, a bool is not an int."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, validate_assignment=True)
 
     temperature: float = Field(0.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -97,13 +97,13 @@ class Limits(Strict):
 
 
 class Scheduling(Strict):
-    """Chunked prefill (as vLLM's long_prefill_token_threshold / max_long_partial_prefills=1): prompt
-    tokens are prefilled beside the decodes, in a group of the forward of their own (never padded
-    into the decode rows), under a per-tick budget. A long prompt goes in chunks, one long prompt at
-    a time, after the short ones: it cannot stall the decodes, nor the prompts queued behind it."""
+    """Chunked prefill (after vLLM's long_prefill_token_threshold and max_long_partial_prefills=1):
+    prompt tokens are prefilled in the decodes' forward but in a group of their own (never padded
+    into the decode rows), under a per-tick budget. A long prompt goes in chunks, one long prompt
+    per tick: it cannot stall the decodes, nor the short prompts queued behind it."""
 
-    prefill_budget: int = Field(256, ge=8)  # prompt tokens per tick over all sequences
-    long_prompt: int = Field(128, ge=8)  # a prompt with more unseen tokens than this is long
+    prefill_budget: int = Field(256, ge=8)  # prompt tokens per tick (parts of <= 8 ride in decode rows, unbudgeted)
+    long_prompt: int = Field(128, ge=8)  # a prompt of more tokens than this is long
     long_chunk: int = Field(64, ge=8)  # tokens a long prompt prefills per tick
 
 

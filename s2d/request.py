@@ -1,8 +1,10 @@
-"""A request and the one validation path every entry point takes: the in-process engine, gRPC unary
-and stream (deployments/router.py), and HTTP. `parse_request` turns wire data (a dict from a proto
-message or JSON) into a `Request`; `check_request` checks any `Request` against the config's limits.
-The scheduler calls `check_request` on every request it is given, the ingress calls it at the edge
-so that a bad request never reaches a cell. Every refusal is a RequestError that names the field."""
+"""A request and the one validation path every entry point takes: the in-process engine and gRPC
+unary and stream (deployments/router.py). `parse_request` turns wire data (a dict from a proto
+message, or JSON) into a `Request`; `check_request` checks any `Request` against the config's limits.
+The scheduler calls `check_request` on every request it is given, and the ingress calls it at the
+edge, so a malformed request never reaches a cell; what needs the target's tokenizer (prompt tokens,
+the context, the chat template, the mode's exit) follows in the cell (TargetFrontend.sequence).
+Every refusal is a RequestError that names the field."""
 from __future__ import annotations
 
 import re

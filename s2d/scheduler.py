@@ -113,15 +113,16 @@ class Scheduler:
         return self._accept(seqs, self.executor.result(handle))
 
     def _plan(self, candidates: list[Sequence]) -> tuple[list[Sequence], list]:
-        """Each candidate's work for one tick under the prefill budget: decodes and short prompts
-        first, then one chunk of the oldest long prompt; the other long prompts wait a tick."""
-        sched, budget, long_taken, seqs, work = self.sched, self.sched.prefill_budget, False, [], []
-        is_long = {s.seq_id: s.pending > 0 and len(s.tokens) > sched.long_prompt for s in candidates}  # to its last chunk
-        for s in sorted(candidates, key=lambda s: is_long[s.seq_id]):  # stable: in admission order
-            allowance = budget
-            if is_long[s.seq_id]:
-                allowance, long_taken = (0 if long_taken else min(sched.long_chunk, budget)), True
-            w, used = s.work(allowance)
+        """Each candidate's work for one tick under the prefill budget: the oldest long prompt's
+        next chunk first (so short prompts cannot starve it), then decodes and short prompts in
+        admission order; the other long prompts wait. A resent sequence (outputs already) is not
+        held back as a long prompt: it only rebuilds caches it had."""
+        sched = self.sched
+        is_long = {s.seq_id: bool(s.pending) and not s.out and len(s.prompt_ids) > sched.long_prompt for s in candidates}
+        first_long = next((s for s in candidates if is_long[s.seq_id]), None)
+        budget, seqs, work = sched.prefill_budget, [], []
+        for s in sorted(candidates, key=lambda s: s is not first_long):  # stable: in admission order
+            w, used = s.work(min(sched.long_chunk, budget) if s is first_long else 0 if is_long[s.seq_id] else budget)
             if w is not None:
                 seqs.append(s)
                 work.append(w)

@@ -11,7 +11,7 @@ from s2d.config import Profile, SamplingParams
 from s2d.executor import Outcome, Work
 from s2d.metrics import SpecStats
 from s2d.workers import INLINE_TOKENS
-from s2d.request import Overloaded, Request, RequestError, UnknownTarget  # noqa: F401 - re-exported
+from s2d.request import RequestError
 
 
 @dataclass
@@ -48,13 +48,22 @@ def encode_prompt(tokenizer, prompt: str | None, messages: list[dict] | None, ra
     if messages:
         if not getattr(tokenizer, "chat_template", None):
             raise RequestError("messages", "this model's tokenizer has no chat template")
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+        return apply_template(tokenizer, messages, "messages")
     if not prompt:
         raise RequestError("prompt", "empty prompt")
     if getattr(tokenizer, "chat_template", None) and not raw:
-        msgs = [{"role": "user", "content": prompt}]
-        return list(tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False))
+        return apply_template(tokenizer, [{"role": "user", "content": prompt}], "prompt")
     return list(tokenizer(prompt)["input_ids"])
+
+
+def apply_template(tokenizer, messages: list[dict], field: str) -> list[int]:
+    """A template may refuse a conversation (Llama 2's: roles must alternate): the client's mistake."""
+    from jinja2 import TemplateError
+
+    try:
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+    except TemplateError as e:
+        raise RequestError(field, f"the chat template refused it: {e}") from None
 
 
 def eos_ids(tokenizer, model_dir: str | None = None) -> set[int]:
@@ -98,6 +107,7 @@ class Sequence:
         self.prompt_ids = prompt_ids
         self.out: list[int] = list(resume)  # tokens a client already has (a request resent after a failure)
         self.synced = 0  # the workers hold tokens[:synced]
+        self.cached_drafts = 0  # and, in their caches, this many more: the drafts the last round accepted
         self.tokenizer, self.eos = tokenizer, set() if params.ignore_eos else eos
         self.context = context  # positions the caches hold
         self.seed = params.seed if params.seed is not None else random.getrandbits(62)
@@ -114,8 +124,10 @@ class Sequence:
 
     @property
     def pending(self) -> int:
-        """Tokens to prefill before the last one, where more than ride in a decode row."""
-        n = len(self.prompt_ids) + len(self.out) - 1 - self.synced
+        """Tokens the caches lack before the last one (a prompt, or everything after a resync),
+        where more than ride in a decode row: what the prefill budget pays for. The drafts the last
+        round accepted are in the caches already."""
+        n = len(self.prompt_ids) + len(self.out) - 1 - self.synced - self.cached_drafts
         return n if n > INLINE_TOKENS else 0
 
     def work(self, budget: int) -> tuple[Work | None, int]:
@@ -123,32 +135,29 @@ class Sequence:
         workers have not seen, and how far to draft. A prompt longer than the budget goes in chunks
         (prefill-only work, no output) over several ticks; None when no budget is left this tick."""
         tokens, pending = self.tokens, self.pending
-        if pending > budget:
-            if budget < INLINE_TOKENS:
-                return None, 0
-            w = Work(self.seq_id, self.target, self.synced, tokens[self.synced:self.synced + budget], self.plan.k_max,
-                     self.plan.thresholds, self.plan.stop_threshold, self.params, 0, decode=False)
-            self.synced += budget
-            return w, budget
+        chunk = pending > budget
+        if chunk and budget < INLINE_TOKENS:
+            return None, 0
+        end = self.synced + budget if chunk else len(tokens)
         remaining = self.params.max_tokens - len(self.out)
-        room = self.context - len(tokens) - 1
-        k = max(0, min(self.plan.k_max, remaining - 1, room))
-        w = Work(self.seq_id, self.target, self.synced, tokens[self.synced:], k, self.plan.thresholds,
-                 self.plan.stop_threshold, self.params, self.seed * 1_000_003 + 2 * self.round)
-        self.synced = len(tokens)
-        return w, pending
+        k = self.plan.k_max if chunk else max(0, min(self.plan.k_max, remaining - 1, self.context - len(tokens) - 1))
+        w = Work(self.seq_id, self.target, self.synced, tokens[self.synced:end], k, self.plan.thresholds,
+                 self.plan.stop_threshold, self.params, self.seed * 1_000_003 + 2 * self.round, decode=not chunk)
+        self.synced, self.cached_drafts = end, 0
+        return w, budget if chunk else pending
 
     def accept(self, o: Outcome) -> Delta | None:
         """Apply a tick's outcome; None when there is nothing to tell the client: a prompt chunk was
         prefilled, or a worker asked for the full token list (sent next tick)."""
         if o.resync:
-            self.synced = 0
+            self.synced = self.cached_drafts = 0
             return None
         if o.error:
             return self.fail(o.error)
         if not o.decoded:
             return None
         self.round += 1
+        self.cached_drafts = o.accepted
         self.stats.record(len(o.drafts), o.accepted, len(o.tokens), o.exits)
         new = []
         for t in o.tokens:

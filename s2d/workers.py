@@ -7,6 +7,7 @@ worker that lost a sequence's cache rebuilds it. s2d/executor.py drives both in 
 wire or in process."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -70,10 +71,18 @@ class Worker:
         self.known: dict[str, list[int]] = {}  # each live sequence's tokens as its scheduler sent them
         self.batch_sizes: list[int] = []  # sizes of the batches served (for stats)
         self.prefill_forwards = 0  # forwards that only filled the cache (prompt chunks, long resent parts)
+        self.failed: set[str] = set()  # sequences whose numbers went bad here: their slots are cleared on release
 
     def release(self, seq_id: str) -> bool:
         self.known.pop(seq_id, None)
+        slot = self.table.slot.get(seq_id)
+        if seq_id in self.failed and slot is not None:
+            self.failed.discard(seq_id)
+            self.clear_slot(slot)
         return self.table.release(seq_id)
+
+    def clear_slot(self, slot: int):
+        raise NotImplementedError
 
     def stats(self) -> dict:
         sizes = self.batch_sizes
@@ -106,6 +115,10 @@ class Proposer(Worker):
         super().__init__(draft.lm.n_slots)
         self.draft = draft
         self.exits = draft.exits
+
+    def clear_slot(self, slot: int):
+        self.draft.lm.cache.clear(slot)
+        self.draft.hidden[slot].zero_()
 
     @torch.inference_mode()
     def prefill(self, items: list[PrefillItem]):
@@ -146,6 +159,8 @@ class Proposer(Worker):
             for i in active:
                 s, logits, conf = emitted[i]
                 try:
+                    if math.isnan(conf):
+                        raise ValueError("the draft's logits are not finite")
                     if gens[i] is None:
                         tok = int(logits.argmax())
                     else:
@@ -154,6 +169,7 @@ class Proposer(Worker):
                         qs[i].append(q)
                 except Exception as e:  # noqa: BLE001 - this sequence alone fails
                     out[i].error = f"drafting failed: {type(e).__name__}: {e}"
+                    self.failed.add(items[i].seq_id)
                     continue
                 work[i].append(tok)
                 out[i].drafts.append(tok)
@@ -183,6 +199,9 @@ class Verifier(Worker):
         super().__init__(lm.n_slots)
         self.lm = lm
 
+    def clear_slot(self, slot: int):
+        self.lm.cache.clear(slot)
+
     @torch.inference_mode()
     def verify(self, items: list[VerifyItem], chunks: list[PrefillItem] = ()) -> list[Verdict]:
         """One forward for the tick: prompt chunks (and long unseen parts) fill the cache in a group
@@ -203,7 +222,8 @@ class Verifier(Worker):
             groups.append([[slots[len(chunks) + i] for i in g], [common[len(chunks) + i] for i in g], [rows[i] for i in g]])
         if fill:
             self.prefill_forwards += 1
-        self.batch_sizes.append(len(items))
+        if items:
+            self.batch_sizes.append(len(items))
         batch = lm.packed([(list(sl), list(st), [len(r) for r in rs]) for sl, st, rs in groups])
         h = lm.run_layers(lm.embed(pack_tokens([list(rs) for _, _, rs in groups], lm.first_device)), batch)
         for it in chunks:
@@ -217,9 +237,13 @@ class Verifier(Worker):
                 end = grp.start + r * grp.width + len(rows[i])
                 at[i] = torch.arange(end - len(items[i].drafts) - 1, end)
         logits = lm.logits(h[0, torch.cat([at[i] for i in range(len(items))]).to(h.device)])
+        logits = logits.split([len(it.drafts) + 1 for it in items])
+        finite = torch.stack([torch.isfinite(lg).all() for lg in logits]).tolist()  # one sync for the batch
         verdicts = []
-        for it, lg in zip(items, logits.split([len(it.drafts) + 1 for it in items])):
+        for it, lg, ok in zip(items, logits, finite):
             try:
+                if not ok:  # greedy would pick NaN's index silently
+                    raise ValueError("the target's logits are not finite")
                 if it.params.greedy:
                     toks = verify_greedy(it.drafts, lg)
                 else:
@@ -227,6 +251,7 @@ class Verifier(Worker):
                                           generator(it.seed, lg.device))
             except Exception as e:  # noqa: BLE001 - this sequence alone fails
                 self.table.tokens[it.seq_id] = list(it.tokens)
+                self.failed.add(it.seq_id)
                 verdicts.append(Verdict([], 0, f"verification failed: {type(e).__name__}: {e}"))
                 continue
             accepted = len(toks) - 1

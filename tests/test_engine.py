@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from s2d.config import EngineConfig, Limits, SamplingParams, load_config
 from s2d.engine import Engine, Request, greedy
-from s2d.sequence import RequestError, UnknownTarget
+from s2d.request import RequestError, UnknownTarget
 
 from conftest import PROMPTS, make_config
 
@@ -112,6 +112,25 @@ def test_a_failure_inside_one_sequence_ends_it_alone(family, monkeypatch):
     while engine.has_work:
         engine.step()
     assert engine.proposer.held == 0 and all(v.held == 0 for v in engine.verifiers.values())
+
+
+def test_a_failed_sequences_cache_slot_is_cleared_before_reuse(family):
+    """A forward gone bad leaves NaN in a slot; masked positions still enter attention (0 * NaN),
+    so without clearing, the next sequence in that slot would fail or decode garbage."""
+    from s2d.engine import load_target
+    from s2d.workers import Verifier, VerifyItem
+
+    cfg = make_config(family, targets=("small",))
+    v, fresh = Verifier(load_target(cfg, "small")), Verifier(load_target(cfg, "small"))
+    item = lambda seq, toks: VerifyItem(seq, toks, [], None, greedy(1), 0)  # noqa: E731
+    v.verify([item("a", [5, 6, 7, 8])])
+    slot = v.table.slot["a"]
+    for k in v.lm.cache.k:
+        k[slot, :, :4] = float("nan")
+    assert "not finite" in v.verify([item("a", [5, 6, 7, 8, 9])])[0].error
+    v.release("a")
+    b = v.verify([item("b", [1, 2, 3])])[0]
+    assert v.table.slot["b"] == slot and b.error is None and b.tokens == fresh.verify([item("b", [1, 2, 3])])[0].tokens
 
 
 def test_streaming_gives_the_same_text_as_unary(engine):

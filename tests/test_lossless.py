@@ -105,6 +105,25 @@ def test_long_prompts_prefilled_in_chunks_beside_decodes_equal_target(family, mo
     assert [r["stats"]["accepted_at"] for r in whole] == [r["stats"]["accepted_at"] for r in results]
 
 
+def test_long_accepted_runs_are_not_charged_as_prefill(family):
+    """k_max 16 with a draft as deep as its target (every draft accepted) and a tiny long_prompt:
+    decoding sequences are never queued as long prompts (a round's accepted drafts once counted as
+    unseen tokens, and all but one sequence starved). Every request finishes, with the target's output."""
+    cfg = make_config(family, draft="full-draft", targets=("small",), profile={"thresholds": [0.5, 0.0], "k_max": 16})
+    cfg.scheduling = cfg.scheduling.model_validate({"prefill_budget": 64, "long_prompt": 16, "long_chunk": 8})
+    eng = Engine.from_config(cfg)
+    reqs = [Request(target="small", prompt=p, params=greedy(64, ignore_eos=True)) for p in PROMPTS[10:14]]
+    seqs = [eng.scheduler.add(r) for r in reqs]
+    for _ in range(200):
+        if all(s.finished for s in seqs):
+            break
+        eng.step()
+    assert all(s.finished for s in seqs), [len(s.out) for s in seqs]
+    ar = Engine.from_config(cfg).generate([Request(target="small", prompt=r.prompt, params=r.params, mode="ar") for r in reqs])
+    assert [s.out for s in seqs] == [r["token_ids"] for r in ar]
+    assert sum(s.stats.accepted for s in seqs) > 4 * 40
+
+
 # -- sampling ------------------------------------------------------------------------------------
 V = 8
 

@@ -147,6 +147,11 @@ def test_catalogue_of_malformed_requests_on_unary_and_stream(server):
             rows.append(f"| {what} | {'stream' if stream else 'unary'} | {code.name} `{field}` | {got.name}: {details[:70]} |")
             assert got == code and details.startswith(field + ":"), (what, stream, got, details)
     print("\n| request | RPC | expected | got |\n|---|---|---|---|\n" + "\n".join(rows))
+    health = server.channel.unary_unary("/s2d.v1.S2D/Health", request_serializer=None,
+                                        response_deserializer=pb.HealthResponse.FromString)
+    with pytest.raises(grpc.RpcError) as e:
+        health(b"\xff\xff", timeout=30)
+    assert e.value.code() == IA and e.value.details().startswith("request:"), e.value.details()
     assert server.health() == "ok"
 
 

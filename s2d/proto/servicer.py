@@ -20,12 +20,20 @@ class Undecodable:
     message: str
 
 
-def decode_generate_request(data: bytes) -> pb.GenerateRequest | Undecodable:
-    try:
-        return pb.GenerateRequest.FromString(data)
-    except DecodeError as e:
-        return find_bad_field(data, pb.GenerateRequest.DESCRIPTOR) or Undecodable(
-            "request", f"not a valid s2d.v1.GenerateRequest ({len(data)} bytes): {e}")
+def lenient(message_cls):
+    """A request decoder for `message_cls` that answers an Undecodable instead of raising."""
+
+    def decode(data: bytes):
+        try:
+            return message_cls.FromString(data)
+        except DecodeError as e:
+            return find_bad_field(data, message_cls.DESCRIPTOR) or Undecodable(
+                "request", f"not a valid {message_cls.DESCRIPTOR.full_name} ({len(data)} bytes): {e}")
+
+    return decode
+
+
+decode_generate_request = lenient(pb.GenerateRequest)
 
 
 def _varint(buf: bytes, pos: int) -> tuple[int, int]:
@@ -83,10 +91,10 @@ def add_S2DServicer_to_server(servicer, server):
         "GenerateStream": grpc.unary_stream_rpc_method_handler(
             servicer.GenerateStream, request_deserializer=decode, response_serializer=pb.GenerateChunk.SerializeToString),
         "ListTargets": grpc.unary_unary_rpc_method_handler(
-            servicer.ListTargets, request_deserializer=pb.ListTargetsRequest.FromString,
+            servicer.ListTargets, request_deserializer=lenient(pb.ListTargetsRequest),
             response_serializer=pb.ListTargetsResponse.SerializeToString),
         "Health": grpc.unary_unary_rpc_method_handler(
-            servicer.Health, request_deserializer=pb.HealthRequest.FromString,
+            servicer.Health, request_deserializer=lenient(pb.HealthRequest),
             response_serializer=pb.HealthResponse.SerializeToString),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("s2d.v1.S2D", handlers),))
