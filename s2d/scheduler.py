@@ -54,6 +54,7 @@ class Scheduler:
             raise DuplicateRequest("request_id", f"{seq_id!r} is already live")
         seq = self.frontends[req.target].sequence(seq_id, req, resume)
         self.waiting.append(seq)
+        self._admit()  # at once where a slot is free: the queue bound counts only what must wait
         return seq
 
     def abort(self, seq_id: str):
