@@ -19,7 +19,6 @@ import argparse
 import gc
 import json
 import random
-import sysconfig
 import tempfile
 import threading
 from pathlib import Path
@@ -27,16 +26,11 @@ from pathlib import Path
 import yaml
 
 from deployments.local import serve_locally, set_local_env, shutdown
-from s2d.bench import code_prompts, heldout_code
+from s2d.bench import code_prompts, heldout_code, heldout_files
 from s2d.config import load_config
 from s2d.load import Job, reference_outputs, run_load, summarize
 
 TARGETS, MODES = ["demo-s", "demo-m", "demo-l"], ["s2d", "ar", "fixed:1"]
-
-
-def heldout_files(cfg_dir: Path) -> list[Path]:
-    listing, root = cfg_dir / "heldout_files.txt", Path(sysconfig.get_paths()["stdlib"])
-    return [root / n for n in listing.read_text().split() if (root / n).exists()] if listing.exists() else []
 
 
 def mixed_jobs(prompts: list[str], n: int, max_tokens: int) -> list[Job]:

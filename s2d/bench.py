@@ -76,13 +76,17 @@ def _line_starts(text: str):
         i = text.find("\n", i + 1)
 
 
-def heldout_code(cfg_dir: Path, n: int) -> list[str]:
+def heldout_files(cfg_dir: Path) -> list[Path]:
+    """The stdlib files a config's family was not trained on (its heldout_files.txt), where present."""
     listing = cfg_dir / "heldout_files.txt"
     if not listing.exists():
         return []
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = [root / name for name in listing.read_text().split() if (root / name).exists()]
-    return code_prompts(files, n)
+    return [root / name for name in listing.read_text().split() if (root / name).exists()]
+
+
+def heldout_code(cfg_dir: Path, n: int) -> list[str]:
+    return code_prompts(heldout_files(cfg_dir), n)
 
 
 def run_bench(engine: Engine, targets: list[str], modes: list[str], temperatures: list[float],

@@ -102,7 +102,7 @@ def propose_tick(proposer: Proposer, tick: Tick) -> Drafted:
 
 
 def verify_tick(verifier: Verifier, target: str, drafted: Drafted) -> Verified:
-    """Verify this target's sequences of the tick in one forward (prompt chunks in one more)."""
+    """Verify this target's sequences of the tick and fill its prompt chunks, in one forward."""
     t0 = time.perf_counter()
     for seq_id in drafted.tick.release:
         verifier.release(seq_id)

@@ -123,7 +123,13 @@ class Scheduler:
         first_long = next((s for s in candidates if is_long[s.seq_id]), None)
         budget, seqs, work = sched.prefill_budget, [], []
         for s in sorted(candidates, key=lambda s: s is not first_long):  # stable: in admission order
-            w, used = s.work(min(sched.long_chunk, budget) if s is first_long else 0 if is_long[s.seq_id] else budget)
+            if s is first_long:
+                allowance = min(sched.long_chunk, budget)
+            elif is_long[s.seq_id]:
+                continue  # one long prompt per tick
+            else:
+                allowance = budget
+            w, used = s.work(allowance)
             if w is not None:
                 seqs.append(s)
                 work.append(w)

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from s2d.config import Profile, SamplingParams
 from s2d.executor import Outcome, Work
 from s2d.metrics import SpecStats
-from s2d.workers import INLINE_TOKENS
 from s2d.request import RequestError
+from s2d.workers import INLINE_TOKENS
 
 
 @dataclass

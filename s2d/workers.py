@@ -207,36 +207,34 @@ class Verifier(Worker):
         """One forward for the tick: prompt chunks (and long unseen parts) fill the cache in a group
         of their own, the decode rows (k+1 wide) are verified in one or two more."""
         lm = self.lm
-        every = [*chunks, *items]
-        slots, common = self._sync(every, lambda slot, n: None)
+        slots, common = self._sync([*chunks, *items], lambda slot, n: None)
+        n = len(chunks)
         fill = [(slots[i], common[i], it.tokens[common[i]:]) for i, it in enumerate(chunks)]
-        rows = []  # per item: its decode row, from where it starts
-        for i, it in enumerate(items, len(chunks)):
-            if len(it.tokens) - 1 - common[i] > 1:  # its unseen part is filled beside, not padded in
-                fill.append((slots[i], common[i], it.tokens[common[i]:-1]))
-                common[i] = len(it.tokens) - 1
-            rows.append(it.tokens[common[i]:] + it.drafts)
-        groups = [[*zip(*fill)]] if fill else []
-        dec = split_by_keys(list(range(len(items))), [common[len(chunks) + i] + len(r) for i, r in enumerate(rows)])
-        for g in dec if items else []:
-            groups.append([[slots[len(chunks) + i] for i in g], [common[len(chunks) + i] for i in g], [rows[i] for i in g]])
-        if fill:
-            self.prefill_forwards += 1
+        starts, rows = common[n:], []  # per item: where its decode row starts, and the row
+        for i, it in enumerate(items):
+            if len(it.tokens) - 1 - starts[i] > 1:  # its unseen part is filled beside, not padded in
+                fill.append((slots[n + i], starts[i], it.tokens[starts[i]:-1]))
+                starts[i] = len(it.tokens) - 1
+            rows.append(it.tokens[starts[i]:] + it.drafts)
+        dec = split_by_keys(list(range(len(items))), [st + len(r) for st, r in zip(starts, rows)]) if items else []
+        groups = ([[list(col) for col in zip(*fill)]] if fill else []) + \
+            [[[slots[n + i] for i in g], [starts[i] for i in g], [rows[i] for i in g]] for g in dec]
+        self.prefill_forwards += bool(fill)
         if items:
             self.batch_sizes.append(len(items))
-        batch = lm.packed([(list(sl), list(st), [len(r) for r in rs]) for sl, st, rs in groups])
-        h = lm.run_layers(lm.embed(pack_tokens([list(rs) for _, _, rs in groups], lm.first_device)), batch)
+        batch = lm.packed([(sl, st, [len(r) for r in rs]) for sl, st, rs in groups])
+        h = lm.run_layers(lm.embed(pack_tokens([rs for _, _, rs in groups], lm.first_device)), batch)  # [1, N, d]
         for it in chunks:
             self.table.tokens[it.seq_id] = list(it.tokens)
         if not items:
             return []
         # logits only where they are needed: the last k+1 positions of each decode row
         at = {}
-        for grp, g in zip(batch.groups[1 if fill else 0:], dec):
+        for grp, g in zip(batch.groups[len(groups) - len(dec):], dec):
             for r, i in enumerate(g):
                 end = grp.start + r * grp.width + len(rows[i])
                 at[i] = torch.arange(end - len(items[i].drafts) - 1, end)
-        logits = lm.logits(h[0, torch.cat([at[i] for i in range(len(items))]).to(h.device)])
+        logits = lm.logits(h[0, torch.cat([at[i] for i in range(len(items))]).to(h.device)])  # [sum(k+1), V]
         logits = logits.split([len(it.drafts) + 1 for it in items])
         finite = torch.stack([torch.isfinite(lg).all() for lg in logits]).tolist()  # one sync for the batch
         verdicts = []

@@ -21,18 +21,22 @@ from conftest import PROMPTS, make_config
 N_NEW = 16
 
 
+def hf_continuations(family, target: str, prompts: list[str]) -> dict[str, list[int]]:
+    """transformers' own greedy continuation of each prompt by one target."""
+    tok = AutoTokenizer.from_pretrained(str(family["tok"]))
+    ref = AutoModelForCausalLM.from_pretrained(str(family[target])).eval()
+    out = {}
+    for p in prompts:
+        ids = tok(p, return_tensors="pt").input_ids
+        gen = ref.generate(ids, do_sample=False, max_new_tokens=N_NEW, min_new_tokens=N_NEW, pad_token_id=0)
+        out[p] = gen[0, ids.shape[1]:].tolist()
+    return out
+
+
 @pytest.fixture(scope="session")
 def hf_greedy(family):
     """transformers' own greedy continuation of every prompt, per target."""
-    tok = AutoTokenizer.from_pretrained(str(family["tok"]))
-    out = {}
-    for t in ("small", "large"):
-        ref = AutoModelForCausalLM.from_pretrained(str(family[t])).eval()
-        for p in PROMPTS:
-            ids = tok(p, return_tensors="pt").input_ids
-            gen = ref.generate(ids, do_sample=False, max_new_tokens=N_NEW, min_new_tokens=N_NEW, pad_token_id=0)
-            out[t, p] = gen[0, ids.shape[1]:].tolist()
-    return out
+    return {(t, p): ids for t in ("small", "large") for p, ids in hf_continuations(family, t, PROMPTS).items()}
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +79,8 @@ def test_greedy_equals_target_with_extreme_drafts(family, hf_greedy, draft, expe
 
 @pytest.mark.parametrize("mode", ["s2d", "ar"])
 def test_long_prompts_prefilled_in_chunks_beside_decodes_equal_target(family, mode):
-    """Prompts of 100-230 tokens with a 16-token prefill budget: each is prefilled over many ticks
-    in forwards of its own while short requests decode; every output is still the target's."""
+    """Prompts of 100-230 tokens in 16-token chunks: each is prefilled over many ticks, in a group of
+    its own inside the forwards where short requests decode; every output is still the target's."""
     from conftest import stdlib_texts
 
     tok = AutoTokenizer.from_pretrained(str(family["tok"]))
@@ -88,13 +92,9 @@ def test_long_prompts_prefilled_in_chunks_beside_decodes_equal_target(family, mo
     reqs = [Request(target=t, prompt=p, params=greedy(N_NEW, ignore_eos=True), mode=mode)
             for p in [*long, *PROMPTS[:6]] for t in ("small", "large")]
     results = eng.generate(reqs)
-    for t in ("small", "large"):
-        ref = AutoModelForCausalLM.from_pretrained(str(family[t])).eval()
-        for r, res in zip(reqs, results):
-            if r.target == t:
-                ids = tok(r.prompt, return_tensors="pt").input_ids
-                want = ref.generate(ids, do_sample=False, max_new_tokens=N_NEW, min_new_tokens=N_NEW, pad_token_id=0)
-                assert res["token_ids"] == want[0, ids.shape[1]:].tolist(), (mode, t, ids.shape)
+    want = {t: hf_continuations(family, t, [*long, *PROMPTS[:6]]) for t in ("small", "large")}
+    for r, res in zip(reqs, results):
+        assert res["token_ids"] == want[r.target][r.prompt], (mode, r.target, r.prompt[:40])
     assert eng.verifiers["large"].prefill_forwards >= 6 * 100 // 16
     assert (eng.proposer.prefill_forwards > 0) == (mode == "s2d")
     # the draft's caches too: the same drafts as with whole-prompt prefill (greedy equality alone
