@@ -105,6 +105,10 @@ class Scheduling(Strict):
     prefill_budget: int = Field(256, ge=8)  # prompt tokens per tick (parts of <= 8 ride in decode rows, unbudgeted)
     long_prompt: int = Field(128, ge=8)  # a prompt of more tokens than this is long
     long_chunk: int = Field(64, ge=8)  # tokens a long prompt prefills per tick
+    # How far s2d requests draft (s2d/policy.py). goodput: per target and tick, the k (0 included)
+    # that pays most by measured step costs and live acceptance; static: the profile as configured.
+    draft_policy: Literal["goodput", "static"] = "goodput"
+    online_thresholds: bool = True  # goodput only: exit thresholds follow live acceptance
 
 
 class CellSpec(Strict):

@@ -115,6 +115,7 @@ class Engine:
 
     def set_profile(self, target: str, profile: Profile):
         self.frontends[target].profile = profile
+        self.scheduler.policy.reset(target, profile)
 
     def add_request(self, req: Request) -> str:
         return self.scheduler.add(req).seq_id

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from s2d.config import SamplingParams
-from s2d.workers import PrefillItem, Proposal, ProposeItem, Proposer, Verifier, VerifyItem
+from s2d.workers import Forward, PrefillItem, Proposal, ProposeItem, Proposer, Verifier, VerifyItem
 
 
 @dataclass
@@ -48,6 +48,8 @@ class Drafted:
     tick: Tick
     proposals: list[Proposal | None]  # aligned with tick.work; None: the draft must resync this sequence
     busy_s: float = 0.0
+    forwards: list[Forward] = field(default_factory=list)
+    forward_s: float = 0.0  # of busy_s, in the draft's layers and head
 
 
 @dataclass
@@ -55,6 +57,7 @@ class Outcome:
     seq_id: str
     drafts: list[int] = field(default_factory=list)
     exits: list[int] = field(default_factory=list)
+    trace: list[list[tuple[float, int]]] = field(default_factory=list)  # per draft: (confidence, argmax) at each exit passed
     tokens: list[int] = field(default_factory=list)  # accepted drafts, then one token of the target's
     accepted: int = 0
     resync: bool = False  # a worker lacked this sequence's earlier tokens: send them all next tick
@@ -68,6 +71,10 @@ class Verified:
     outcomes: list[Outcome]
     draft_busy_s: float
     busy_s: float
+    forwards: list[Forward] = field(default_factory=list)  # the target's
+    forward_s: float = 0.0  # of busy_s, in the target's layers and head
+    draft_forwards: list[Forward] = field(default_factory=list)  # the tick's draft forwards (in every target's result)
+    draft_forward_s: float = 0.0
 
 
 def known_tokens(worker, w: Work) -> list[int] | None:
@@ -98,7 +105,8 @@ def propose_tick(proposer: Proposer, tick: Tick) -> Drafted:
     proposals: list[Proposal | None] = [Proposal() if t is not None else None for t in tokens]
     for i, p in zip(at, proposer.propose(items) if items else []):
         proposals[i] = p
-    return Drafted(tick, proposals, time.perf_counter() - t0)
+    forwards, spent = proposer.take_forwards()
+    return Drafted(tick, proposals, time.perf_counter() - t0, forwards, spent)
 
 
 def verify_tick(verifier: Verifier, target: str, drafted: Drafted) -> Verified:
@@ -119,14 +127,16 @@ def verify_tick(verifier: Verifier, target: str, drafted: Drafted) -> Verified:
             outcomes.append(Outcome(w.seq_id, decoded=False))
             chunks.append(PrefillItem(w.seq_id, toks))
         else:
-            outcomes.append(Outcome(w.seq_id, p.drafts, p.exits))
+            outcomes.append(Outcome(w.seq_id, p.drafts, p.exits, p.trace))
             items.append(VerifyItem(w.seq_id, toks, p.drafts, p.q, w.params, w.seed + 1))
     verdicts = iter(verifier.verify(items, chunks) if items or chunks else [])
     for o in outcomes:
         if o.decoded and not o.resync and not o.error:
             v = next(verdicts)
             o.tokens, o.accepted, o.error = v.tokens, v.accepted, v.error
-    return Verified(target, outcomes, drafted.busy_s, time.perf_counter() - t0)
+    forwards, spent = verifier.take_forwards()
+    return Verified(target, outcomes, drafted.busy_s, time.perf_counter() - t0, forwards, spent,
+                    drafted.forwards, drafted.forward_s)
 
 
 class Executor(Protocol):

@@ -61,3 +61,29 @@ class SpecStats:
             "exit_histogram": {str(k): v for k, v in sorted(self.exits.items())},
             "wall_s": round(self.wall_s, 4),
         }
+
+
+@dataclass
+class Breakdown:
+    """Where a scheduler's ticks spend their time: the draft's forwards (layers and head), the
+    targets' verify forwards, and everything else, the engine's own work (scheduling, batch
+    building, sampling, rejection, detokenization). Exact on CPU; on a GPU the forwards' time is
+    only their launch unless the step syncs."""
+
+    ticks: int = 0
+    wall_s: float = 0.0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+
+    def add(self, wall_s: float, draft_s: float, verify_s: float):
+        self.ticks += 1
+        self.wall_s += wall_s
+        self.draft_s += draft_s
+        self.verify_s += verify_s
+
+    def to_dict(self) -> dict:
+        n, wall = max(self.ticks, 1), max(self.wall_s, 1e-12)
+        other = max(self.wall_s - self.draft_s - self.verify_s, 0.0)
+        return {"ticks": self.ticks, "ms_per_tick": round(1000 * self.wall_s / n, 3),
+                "draft_ms": round(1000 * self.draft_s / n, 3), "verify_ms": round(1000 * self.verify_s / n, 3),
+                "engine_ms": round(1000 * other / n, 3), "engine_share": round(other / wall, 4)}

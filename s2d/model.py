@@ -7,6 +7,7 @@ tokens (right-padded to a common T): prefill, decode and verification are the sa
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,26 +102,49 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=getattr(cfg, "attention_bias", False))
 
+    def fuse(self):
+        """One [d, (H + 2 Hkv) D] matrix for q, k and v, stored input-major (x @ W is faster than
+        F.linear for the few-token rows of decode and verify on CPU); the Linear modules keep views
+        of it, so the checkpoint's names and state_dict stay as they were."""
+        parts = (self.q_proj, self.k_proj, self.v_proj)
+        self.w_qkv = torch.cat([p.weight for p in parts]).t().contiguous()
+        self.b_qkv = torch.cat([p.bias for p in parts]) if self.q_proj.bias is not None else None
+        self.w_o = self.o_proj.weight.t().contiguous()
+        self.b_o = self.o_proj.bias
+        at = 0
+        for p in parts:
+            n = p.weight.shape[0]
+            p.weight = nn.Parameter(self.w_qkv[:, at:at + n].t(), requires_grad=False)
+            at += n
+        self.o_proj.weight = nn.Parameter(self.w_o.t(), requires_grad=False)
+
     def forward(self, x, cos, sin, cache: KVCache, layer: int, b: Batch):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
+        qkv = x @ self.w_qkv  # [B, T, (H + 2 Hkv) D]
+        if self.b_qkv is not None:
+            qkv = qkv + self.b_qkv
+        qk = qkv[..., :(H + Hkv) * D].view(B, T, H + Hkv, D).transpose(1, 2)  # rope on q and k at once
+        qk = qk * cos + rotate_half(qk) * sin
+        q, k = qk[:, :H], qk[:, H:]
+        v = qkv[..., (H + Hkv) * D:].view(B, T, Hkv, D).transpose(1, 2)
         cache.write(layer, b.tok_slots, b.write_pos, k, v)
         if len(b.groups) == 1 and b.groups[0].rows == B:  # [B, T]: one attention call
             g = b.groups[0]
             keys, values = cache.read(layer, g.slots, g.n_keys, g.contiguous_from)
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=g.mask, enable_gqa=self.n_kv != self.n_heads)
-            return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=g.mask, enable_gqa=Hkv != H)
+            return self._out(y.transpose(1, 2).reshape(B, T, -1))
         ys, q = [], q[0]  # packed: [H, N, D], one attention call per group
         for g in b.groups:
-            qg = q[:, g.start:g.start + g.rows * g.width].view(self.n_heads, g.rows, g.width, -1).transpose(0, 1)
+            qg = q[:, g.start:g.start + g.rows * g.width].view(H, g.rows, g.width, -1).transpose(0, 1)
             keys, values = cache.read(layer, g.slots, g.n_keys, g.contiguous_from)
-            y = F.scaled_dot_product_attention(qg, keys, values, attn_mask=g.mask, enable_gqa=self.n_kv != self.n_heads)
-            ys.append(y.transpose(0, 1).reshape(self.n_heads, g.rows * g.width, -1))
-        return self.o_proj(torch.cat(ys, 1).transpose(0, 1).reshape(1, T, -1))
+            y = F.scaled_dot_product_attention(qg, keys, values, attn_mask=g.mask, enable_gqa=Hkv != H)
+            ys.append(y.transpose(0, 1).reshape(H, g.rows * g.width, -1))
+        return self._out(torch.cat(ys, 1).transpose(0, 1).reshape(1, T, -1))
+
+    def _out(self, y):
+        y = y @ self.w_o
+        return y if self.b_o is None else y + self.b_o
 
 
 class MLP(nn.Module):
@@ -131,8 +155,23 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
 
+    def fuse(self):
+        """gate and up as one input-major [d, 2 I] matrix (see Attention.fuse)."""
+        n = self.gate_proj.weight.shape[0]
+        self.w_gu = torch.cat([self.gate_proj.weight, self.up_proj.weight]).t().contiguous()
+        self.b_gu = torch.cat([self.gate_proj.bias, self.up_proj.bias]) if self.gate_proj.bias is not None else None
+        self.w_d = self.down_proj.weight.t().contiguous()
+        self.gate_proj.weight = nn.Parameter(self.w_gu[:, :n].t(), requires_grad=False)
+        self.up_proj.weight = nn.Parameter(self.w_gu[:, n:].t(), requires_grad=False)
+        self.down_proj.weight = nn.Parameter(self.w_d.t(), requires_grad=False)
+
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gu = x @ self.w_gu
+        if self.b_gu is not None:
+            gu = gu + self.b_gu
+        gate, up = gu.chunk(2, dim=-1)
+        y = (F.silu(gate) * up) @ self.w_d
+        return y if self.down_proj.bias is None else y + self.down_proj.bias
 
 
 class RMSNorm(nn.Module):
@@ -142,6 +181,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):  # same math as transformers: normalise in fp32, scale in the model dtype
+        if x.dtype == torch.float32:  # one fused op
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
@@ -189,6 +230,7 @@ class CausalLM(nn.Module):
         self.layer_devices = [devices[min(i * n // self.n_layers, n - 1)] for i in range(self.n_layers)]
         self.first_device, self.last_device = devices[0], devices[-1]
         self.cache: KVCache | None = None
+        self.forward_s = 0.0  # seconds spent in layers and head (on CPU; on a GPU, launching them)
 
     # -- loading -------------------------------------------------------------------------------
     @classmethod
@@ -224,6 +266,13 @@ class CausalLM(nn.Module):
             self.lm_head.weight = nn.Parameter(self.model.embed_tokens.weight.to(self.last_device))
         self.inv_freq = self.inv_freq.to(self.first_device)
         self.eval().requires_grad_(False)
+        with torch.no_grad():
+            for layer in self.model.layers:
+                layer.self_attn.fuse()
+                layer.mlp.fuse()
+            self.w_head = self.lm_head.weight.t().contiguous()  # [d, V] (a copy when tied to the embedding)
+            if not self.tied:
+                self.lm_head.weight = nn.Parameter(self.w_head.t(), requires_grad=False)
         hd = getattr(self.cfg, "head_dim", None) or self.cfg.hidden_size // self.cfg.num_attention_heads
         self.cache = KVCache(self.n_slots, self.max_len, self.cfg.num_key_value_heads, hd, self.dtype, self.layer_devices)
         return self
@@ -271,6 +320,7 @@ class CausalLM(nn.Module):
         return self.model.embed_tokens(tokens.to(self.first_device))
 
     def run_layers(self, h: torch.Tensor, b: Batch, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        t0 = time.perf_counter()
         freqs = b.pos[..., None].float() * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         rope = {}
@@ -281,11 +331,14 @@ class CausalLM(nn.Module):
                 rope[dev] = ((e.cos() * self.rope_scale).to(self.dtype)[:, None], (e.sin() * self.rope_scale).to(self.dtype)[:, None])
                 b_dev = b if dev == self.first_device else _batch_to(b, dev)
             h = self.model.layers[i](h.to(dev), *rope[dev], self.cache, i, b_dev)
+        self.forward_s += time.perf_counter() - t0
         return h
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        h = h.to(self.last_device)
-        return self.lm_head(self.model.norm(h)).float()
+        t0 = time.perf_counter()
+        out = (self.model.norm(h.to(self.last_device)) @ self.w_head).float()
+        self.forward_s += time.perf_counter() - t0
+        return out
 
     def forward(self, tokens: torch.Tensor, b: Batch) -> torch.Tensor:
         """All logits [B, T, V] of a batch (tests and training-free uses)."""

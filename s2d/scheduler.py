@@ -16,7 +16,8 @@ from collections import deque
 
 from s2d.config import Limits, Scheduling
 from s2d.executor import Executor, Tick, Verified
-from s2d.metrics import SpecStats
+from s2d.metrics import Breakdown, SpecStats
+from s2d.policy import DraftPolicy
 from s2d.request import DuplicateRequest, Overloaded, Request, RequestError, UnknownTarget, check_request
 from s2d.sequence import Delta, Sequence
 
@@ -36,6 +37,10 @@ class Scheduler:
         self.inflight: deque[tuple[int, object, list[Sequence]]] = deque()  # (cohort, handle, sequences)
         self.to_release: list[str] = []
         self.finished_stats = SpecStats()
+        self.breakdown = Breakdown()
+        exits = next(iter(frontends.values())).exits if frontends else []
+        self.policy = DraftPolicy({t: f.profile for t, f in frontends.items()}, exits, scheduling.draft_policy,
+                                  scheduling.online_thresholds)
         self._id_prefix = uuid.uuid4().hex[:8]  # ids unique across cell replicas
         self._ids = 0
 
@@ -94,6 +99,7 @@ class Scheduler:
     def step(self) -> list[Delta]:
         """Run one tick (with pipelining: finish the oldest in-flight tick, after starting the
         other cohort's) and return what it added to each sequence."""
+        t0 = time.perf_counter()
         self._admit()
         # Cohorts alternate only while some sequence drafts: without draft work there is nothing
         # to overlap, and splitting would only halve the targets' batches.
@@ -111,7 +117,13 @@ class Scheduler:
         if not self.inflight:
             return []
         _, handle, seqs = self.inflight.popleft()
-        return self._accept(seqs, self.executor.result(handle))
+        verified = self.executor.result(handle)
+        deltas = self._accept(seqs, verified)
+        if verified:
+            wall = time.perf_counter() - t0
+            self.breakdown.add(wall, verified[0].draft_forward_s, sum(v.forward_s for v in verified))
+            self.policy.observe(verified, wall, sum(s.drafting_k > 0 for s in seqs))
+        return deltas
 
     def _plan(self, candidates: list[Sequence]) -> tuple[list[Sequence], list]:
         """Each candidate's work for one tick under the prefill budget: the oldest long prompt's
@@ -121,6 +133,10 @@ class Scheduler:
         sched = self.sched
         is_long = {s.seq_id: bool(s.pending) and not s.out and len(s.prompt_ids) > sched.long_prompt for s in candidates}
         first_long = next((s for s in candidates if is_long[s.seq_id]), None)
+        rows = {t: 0 for t in self.target_slots}
+        for s in candidates:
+            rows[s.target] += not s.pending
+        caps = self.policy.caps(rows, sum(s.plan.k_max > 0 and not s.pending for s in candidates))
         budget, seqs, work = sched.prefill_budget, [], []
         for s in sorted(candidates, key=lambda s: s is not first_long):  # stable: in admission order
             if s is first_long:
@@ -129,7 +145,7 @@ class Scheduler:
                 continue  # one long prompt per tick
             else:
                 allowance = budget
-            w, used = s.work(allowance)
+            w, used = s.work(allowance, *caps.get(s.target, (None, None))) if s.plan.adaptive else s.work(allowance)
             if w is not None:
                 seqs.append(s)
                 work.append(w)
@@ -147,8 +163,11 @@ class Scheduler:
         for s in seqs:
             if s.seq_id not in self.running:  # aborted while its tick was in flight
                 continue
+            o = outcomes[s.seq_id]
+            if s.plan.adaptive and o.decoded and not o.resync and not o.error:
+                self.policy.record(s.target, s.drafting_k, o)
             try:
-                d = s.accept(outcomes[s.seq_id])
+                d = s.accept(o)
             except Exception as e:  # noqa: BLE001 - e.g. its detokenization: this request alone fails
                 log.exception("request %s failed", s.seq_id)
                 d = s.fail(f"{type(e).__name__}: {e}")

@@ -21,6 +21,7 @@ class DraftPlan:
     thresholds: list[float]
     k_max: int
     stop_threshold: float
+    adaptive: bool = False  # mode s2d: the scheduler's draft policy may change k and the thresholds per tick
 
     @classmethod
     def for_mode(cls, mode: str, profile: Profile, exits: list[int]) -> "DraftPlan":
@@ -28,7 +29,7 @@ class DraftPlan:
             thresholds = profile.thresholds_for(exits)
             if len(thresholds) != len(exits):
                 raise RequestError("profile.thresholds", f"{len(thresholds)} thresholds for {len(exits)} exits {exits}")
-            return cls(thresholds, profile.k_max, profile.stop_threshold)
+            return cls(thresholds, profile.k_max, profile.stop_threshold, adaptive=True)
         if mode == "ar":
             return cls([0.0] * len(exits), 0, 0.0)
         if mode.startswith("fixed:"):
@@ -112,6 +113,7 @@ class Sequence:
         self.context = context  # positions the caches hold
         self.seed = params.seed if params.seed is not None else random.getrandbits(62)
         self.round = 0
+        self.drafting_k = 0  # the cap on drafts of the work in flight
         self.stats = SpecStats()
         self.text = tokenizer.decode(self.out, skip_special_tokens=True) if self.out else ""
         self.sent = len(self.text) - self.text.endswith("\ufffd")  # what the client was sent
@@ -130,19 +132,23 @@ class Sequence:
         n = len(self.prompt_ids) + len(self.out) - 1 - self.synced - self.cached_drafts
         return n if n > INLINE_TOKENS else 0
 
-    def work(self, budget: int) -> tuple[Work | None, int]:
+    def work(self, budget: int, k_cap: int | None = None, thresholds: list[float] | None = None
+             ) -> tuple[Work | None, int]:
         """This sequence's share of the next tick, and the prefill budget it used: the tokens the
-        workers have not seen, and how far to draft. A prompt longer than the budget goes in chunks
-        (prefill-only work, no output) over several ticks; None when no budget is left this tick."""
+        workers have not seen, and how far to draft (at most k_cap, the policy's choice, where
+        given). A prompt longer than the budget goes in chunks (prefill-only work, no output) over
+        several ticks; None when no budget is left this tick."""
         tokens, pending = self.tokens, self.pending
         chunk = pending > budget
         if chunk and budget < INLINE_TOKENS:
             return None, 0
         end = self.synced + budget if chunk else len(tokens)
         remaining = self.params.max_tokens - len(self.out)
-        k = self.plan.k_max if chunk else max(0, min(self.plan.k_max, remaining - 1, self.context - len(tokens) - 1))
-        w = Work(self.seq_id, self.target, self.synced, tokens[self.synced:end], k, self.plan.thresholds,
+        k_max = self.plan.k_max if k_cap is None else k_cap
+        k = k_max if chunk else max(0, min(k_max, remaining - 1, self.context - len(tokens) - 1))
+        w = Work(self.seq_id, self.target, self.synced, tokens[self.synced:end], k, thresholds or self.plan.thresholds,
                  self.plan.stop_threshold, self.params, self.seed * 1_000_003 + 2 * self.round, decode=not chunk)
+        self.drafting_k = k
         self.synced, self.cached_drafts = end, 0
         return w, budget if chunk else pending
 

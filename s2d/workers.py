@@ -7,7 +7,7 @@ worker that lost a sequence's cache rebuilds it. s2d/executor.py drives both in 
 wire or in process."""
 from __future__ import annotations
 
-import math
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -16,11 +16,22 @@ from s2d.cache import SlotTable
 from s2d.config import SamplingParams
 from s2d.draft import SortedDraft
 from s2d.model import KEY_BUCKET, CausalLM, pack_tokens
-from s2d.rejection import verify_greedy, verify_sampled
+from s2d.rejection import verify_batch
 from s2d.sampling import generator, probs_from_logits, sample
 
 
 INLINE_TOKENS = 8  # unseen tokens (before the last) up to this many ride in a decode row; more get a prefill forward
+
+
+@dataclass
+class Forward:
+    """One forward a worker ran: what (draft:S for a draft segment, verify, prefill, or
+    verify+prefill), how many rows and tokens, and its wall seconds (batch building included)."""
+
+    what: str
+    rows: int
+    tokens: int
+    seconds: float
 
 
 @dataclass
@@ -46,6 +57,7 @@ class Proposal:
     exits: list[int] = field(default_factory=list)  # exit depth (layers) of each drafted token
     q: torch.Tensor | None = None  # [k, V] the probabilities each draft was sampled from (sampling only)
     error: str | None = None  # drafting failed for this sequence alone
+    trace: list[list[tuple[float, int]]] = field(default_factory=list)  # per draft: (confidence, argmax) at each exit passed
 
 
 @dataclass
@@ -72,6 +84,23 @@ class Worker:
         self.batch_sizes: list[int] = []  # sizes of the batches served (for stats)
         self.prefill_forwards = 0  # forwards that only filled the cache (prompt chunks, long resent parts)
         self.failed: set[str] = set()  # sequences whose numbers went bad here: their slots are cleared on release
+        self.forwards: list[Forward] = []  # since the executor last took them (the cost model's input)
+
+    def _observe(self, what: str, rows: int, tokens: int, seconds: float):
+        self.forwards.append(Forward(what, rows, tokens, seconds))
+
+    def _timed(self, what: str, rows: int, tokens: int, fn, *args):
+        t0 = time.perf_counter()
+        out = fn(*args)
+        self._observe(what, rows, tokens, time.perf_counter() - t0)
+        return out
+
+    def take_forwards(self) -> tuple[list[Forward], float]:
+        """The forwards since the last call, and the seconds the model spent in its layers and head."""
+        out, self.forwards = self.forwards, []
+        lm = self.model
+        spent, lm.forward_s = lm.forward_s, 0.0
+        return out, spent
 
     def release(self, seq_id: str) -> bool:
         self.known.pop(seq_id, None)
@@ -113,7 +142,7 @@ def long_uncached(items, cached: list[int]) -> list[int]:
 class Proposer(Worker):
     def __init__(self, draft: SortedDraft):
         super().__init__(draft.lm.n_slots)
-        self.draft = draft
+        self.draft, self.model = draft, draft.lm
         self.exits = draft.exits
 
     def clear_slot(self, slot: int):
@@ -125,63 +154,97 @@ class Proposer(Worker):
         """Prompt chunks through every segment of the draft, in a forward of their own."""
         slots, _ = self._sync(items, self.draft.truncate)
         self.prefill_forwards += 1
-        self.draft.prefill(slots, [it.tokens for it in items], [len(it.tokens) for it in items])
+        self._timed("prefill", len(items), sum(len(it.tokens) for it in items), self.draft.prefill,
+                    slots, [it.tokens for it in items], [len(it.tokens) for it in items])
         for it in items:
             self.table.tokens[it.seq_id] = list(it.tokens)
 
     @torch.inference_mode()
     def propose(self, items: list[ProposeItem]) -> list[Proposal]:
+        """Draft for every item at once, token by token. Per drafted token, each segment's exit
+        decision is one host sync for the whole batch; sampled rows add one more for their draws."""
         slots, _ = self._sync(items, self.draft.truncate)
         long = long_uncached(items, [self.draft.fill[sl][0] for sl in slots])
         if long:  # a long unseen part (a resent sequence) is prefilled apart, not padded into the decodes
             self.prefill_forwards += 1
-            self.draft.prefill([slots[i] for i in long], [items[i].tokens for i in long],
-                               [len(items[i].tokens) - 1 for i in long])
+            self._timed("prefill", len(long), sum(len(items[i].tokens) for i in long), self.draft.prefill,
+                        [slots[i] for i in long], [items[i].tokens for i in long], [len(items[i].tokens) - 1 for i in long])
         work = [list(it.tokens) for it in items]
         out = [Proposal() for _ in items]
         qs: list[list[torch.Tensor]] = [[] for _ in items]
         gens = [None if it.params.greedy else generator(it.seed, self.draft.lm.last_device) for it in items]
         active = [i for i, it in enumerate(items) if it.k > 0]
         self.batch_sizes.append(len(active))
-        last = len(self.exits) - 1
         while active:
-            pending, emitted = active, {}
-            for s in range(len(self.exits)):
-                logits = self.draft.run_segment(s, [slots[i] for i in pending], [work[i] for i in pending],
-                                                [len(work[i]) for i in pending])
-                conf = torch.softmax(logits, -1).max(-1).values.tolist()
-                for j, i in enumerate(pending):
-                    if s == last or conf[j] >= items[i].thresholds[s]:
-                        emitted[i] = (s, logits[j], conf[j])
-                pending = [i for i in pending if i not in emitted]
-                if not pending:
-                    break
+            emitted = self._to_exits(active, items, slots, work, out)
+            drawn = self._draw(emitted, items, gens, qs, out)
             for i in active:
-                s, logits, conf = emitted[i]
-                try:
-                    if math.isnan(conf):
-                        raise ValueError("the draft's logits are not finite")
-                    if gens[i] is None:
-                        tok = int(logits.argmax())
-                    else:
-                        q = probs_from_logits(logits, items[i].params)
-                        tok = sample(q, gens[i])
-                        qs[i].append(q)
-                except Exception as e:  # noqa: BLE001 - this sequence alone fails
-                    out[i].error = f"drafting failed: {type(e).__name__}: {e}"
-                    self.failed.add(items[i].seq_id)
+                if out[i].error:
                     continue
+                tok = drawn.get(i, emitted[i][2])
                 work[i].append(tok)
                 out[i].drafts.append(tok)
-                out[i].exits.append(self.exits[s])
-                emitted[i] = conf
+                out[i].exits.append(self.exits[emitted[i][0]])
             active = [i for i in active if not out[i].error and len(out[i].drafts) < items[i].k
-                      and emitted[i] >= items[i].stop_threshold]
+                      and emitted[i][1] >= items[i].stop_threshold]
         for i, it in enumerate(items):
             self.table.tokens[it.seq_id] = work[i][: self.draft.fill[slots[i]][0]]
             if qs[i]:
                 out[i].q = torch.stack(qs[i])
         return out
+
+    def _to_exits(self, active, items, slots, work, out) -> dict[int, tuple]:
+        """Run the active rows' next token through the segments until each is confident enough at an
+        exit (the last always emits): {row: (segment, confidence, argmax, logits)}."""
+        pending, emitted, last = active, {}, len(self.exits) - 1
+        traces = {i: [] for i in active}
+        for s in range(len(self.exits)):
+            logits = self._timed(f"draft:{s}", len(pending), len(pending), self.draft.run_segment, s,
+                                 [slots[i] for i in pending], [work[i] for i in pending], [len(work[i]) for i in pending])
+            conf, top = torch.softmax(logits, -1).max(-1)  # [P]
+            conf_h, top_h = torch.stack((conf, top.to(conf.dtype))).tolist()  # the exit decision's one sync
+            for j, i in enumerate(pending):
+                traces[i].append((conf_h[j], int(top_h[j])))
+                if s == last or conf_h[j] >= items[i].thresholds[s] or conf_h[j] != conf_h[j]:  # NaN: stop, fail below
+                    emitted[i] = (s, conf_h[j], int(top_h[j]), logits[j])
+            pending = [i for i in pending if i not in emitted]
+            if not pending:
+                break
+        for i in active:
+            out[i].trace.append(traces[i])
+        return emitted
+
+    def _draw(self, emitted, items, gens, qs, out) -> dict[int, int]:
+        """The sampled rows' drafts, drawn from each row's distribution at its exit (one host copy
+        for all); greedy rows take the argmax already on the host. Rows whose numbers went bad fail."""
+        draws = {}
+        for i, (s, conf, _, logits) in emitted.items():
+            if conf != conf:
+                self._fail_draft(items[i], out[i], "the draft's logits are not finite")
+            elif gens[i] is not None:
+                try:
+                    q = probs_from_logits(logits, items[i].params)  # [V]
+                except Exception as e:  # noqa: BLE001 - this sequence alone fails
+                    self._fail_draft(items[i], out[i], f"{type(e).__name__}: {e}")
+                    continue
+                ok = torch.isfinite(q).all()
+                tok = torch.multinomial(torch.where(ok, q, torch.ones_like(q)), 1, generator=gens[i])[0]  # NaN-safe
+                draws[i] = torch.stack((tok, ok.long()))
+                qs[i].append(q)
+        if not draws:
+            return {}
+        host = torch.stack(list(draws.values())).tolist()
+        drawn = {}
+        for i, (tok, ok) in zip(draws, host):
+            if ok:
+                drawn[i] = tok
+            else:
+                self._fail_draft(items[i], out[i], "the draft's probabilities are not finite")
+        return drawn
+
+    def _fail_draft(self, item, proposal, why: str):
+        proposal.error = f"drafting failed: {why}"
+        self.failed.add(item.seq_id)
 
 
 def split_by_keys(rows: list[int], ends: list[int]) -> list[list[int]]:
@@ -197,7 +260,7 @@ def split_by_keys(rows: list[int], ends: list[int]) -> list[list[int]]:
 class Verifier(Worker):
     def __init__(self, lm: CausalLM):
         super().__init__(lm.n_slots)
-        self.lm = lm
+        self.lm = self.model = lm
 
     def clear_slot(self, slot: int):
         self.lm.cache.clear(slot)
@@ -222,11 +285,14 @@ class Verifier(Worker):
         self.prefill_forwards += bool(fill)
         if items:
             self.batch_sizes.append(len(items))
+        t0 = time.perf_counter()
+        n_tokens = sum(len(rs) * max(map(len, rs)) for _, _, rs in groups)  # padded: what the forward computes
         batch = lm.packed([(sl, st, [len(r) for r in rs]) for sl, st, rs in groups])
         h = lm.run_layers(lm.embed(pack_tokens([rs for _, _, rs in groups], lm.first_device)), batch)  # [1, N, d]
         for it in chunks:
             self.table.tokens[it.seq_id] = list(it.tokens)
         if not items:
+            self._observe("prefill", len(chunks), n_tokens, time.perf_counter() - t0)
             return []
         # logits only where they are needed: the last k+1 positions of each decode row
         at = {}
@@ -235,24 +301,33 @@ class Verifier(Worker):
                 end = grp.start + r * grp.width + len(rows[i])
                 at[i] = torch.arange(end - len(items[i].drafts) - 1, end)
         logits = lm.logits(h[0, torch.cat([at[i] for i in range(len(items))]).to(h.device)])  # [sum(k+1), V]
-        logits = logits.split([len(it.drafts) + 1 for it in items])
-        finite = torch.stack([torch.isfinite(lg).all() for lg in logits]).tolist()  # one sync for the batch
-        verdicts = []
-        for it, lg, ok in zip(items, logits, finite):
+        self._observe("verify" if not fill else "verify+prefill", len(items), n_tokens, time.perf_counter() - t0)
+        rows = logits.split([len(it.drafts) + 1 for it in items])
+        verdicts: list[Verdict | None] = [None] * len(items)
+        batch, ps, gens = [], [], []
+        for i, (it, lg) in enumerate(zip(items, rows)):
             try:
-                if not ok:  # greedy would pick NaN's index silently
-                    raise ValueError("the target's logits are not finite")
-                if it.params.greedy:
-                    toks = verify_greedy(it.drafts, lg)
-                else:
-                    toks = verify_sampled(it.drafts, it.q, probs_from_logits(lg, it.params),
-                                          generator(it.seed, lg.device))
+                p = None if it.params.greedy else probs_from_logits(lg, it.params)  # [k+1, V]
             except Exception as e:  # noqa: BLE001 - this sequence alone fails
-                self.table.tokens[it.seq_id] = list(it.tokens)
-                self.failed.add(it.seq_id)
-                verdicts.append(Verdict([], 0, f"verification failed: {type(e).__name__}: {e}"))
+                verdicts[i] = self._fail_verify(it, f"{type(e).__name__}: {e}")
                 continue
-            accepted = len(toks) - 1
-            self.table.tokens[it.seq_id] = (it.tokens + it.drafts)[: len(it.tokens) + accepted]
-            verdicts.append(Verdict(toks, accepted))
+            batch.append(i)
+            ps.append(p)
+            gens.append(None if p is None else generator(it.seed, lg.device))
+        if batch:
+            emitted = verify_batch([items[i].drafts for i in batch], torch.cat([rows[i] for i in batch]),
+                                   [items[i].q for i in batch], ps, gens)
+            for i, toks in zip(batch, emitted):
+                it = items[i]
+                if toks is None:  # greedy would pick NaN's index silently, sampling would pass it
+                    verdicts[i] = self._fail_verify(it, "the target's numbers are not finite")
+                    continue
+                accepted = len(toks) - 1
+                self.table.tokens[it.seq_id] = (it.tokens + it.drafts)[: len(it.tokens) + accepted]
+                verdicts[i] = Verdict(toks, accepted)
         return verdicts
+
+    def _fail_verify(self, it: VerifyItem, why: str) -> Verdict:
+        self.table.tokens[it.seq_id] = list(it.tokens)
+        self.failed.add(it.seq_id)
+        return Verdict([], 0, f"verification failed: {why}")

@@ -97,7 +97,9 @@ def test_a_failure_inside_one_sequence_ends_it_alone(family, monkeypatch):
         p = real(logits, params)
         return p * float("nan") if params.temperature == MARKED else p
 
-    engine = Engine.from_config(make_config(family))
+    cfg = make_config(family)
+    cfg.scheduling.draft_policy = "static"  # the s2d requests must draft (the goodput policy may turn it off)
+    engine = Engine.from_config(cfg)
     good = [Request(target=t, prompt=p, params=greedy(16, ignore_eos=True), mode=m)
             for t, p, m in zip(["small", "large"] * 3, PROMPTS, ["s2d", "ar", "fixed:2"] * 2)]
     want = [r["token_ids"] for r in engine.generate(good)]

@@ -6,13 +6,13 @@ import torch
 from scipy.stats import chisquare
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import s2d.workers
+import s2d.rejection
 from s2d.config import SamplingParams
 from s2d.draft import SortedDraft
 from s2d.engine import Engine, Request, greedy
 from s2d.model import CausalLM
 from s2d.rejection import verify_sampled
-from s2d.sampling import sample
+from s2d.sampling import generator
 from s2d.tiny import llama_config, save_random_model
 from s2d.workers import ProposeItem, Proposer, Verifier, VerifyItem
 
@@ -87,7 +87,9 @@ def test_long_prompts_prefilled_in_chunks_beside_decodes_equal_target(family, mo
     text = stdlib_texts()[1]
     long = [tok.decode(tok(text[i * 500:])["input_ids"][: 100 + 26 * i]) for i in range(6)]
     cfg = make_config(family)
-    cfg.scheduling = cfg.scheduling.model_validate({"prefill_budget": 64, "long_prompt": 16, "long_chunk": 16})
+    # a static draft plan: the two runs below must draft alike (the goodput policy follows timings)
+    cfg.scheduling = cfg.scheduling.model_validate({"prefill_budget": 64, "long_prompt": 16, "long_chunk": 16,
+                                                    "draft_policy": "static"})
     eng = Engine.from_config(cfg)
     reqs = [Request(target=t, prompt=p, params=greedy(N_NEW, ignore_eos=True), mode=mode)
             for p in [*long, *PROMPTS[:6]] for t in ("small", "large")]
@@ -193,17 +195,42 @@ def test_sampled_output_follows_target_distribution(tiny_vocab, params):
     assert chi2_pvalue(pairs, target_joint(tiny_vocab, params)) > SIGNIFICANCE
 
 
-def no_residual(drafts, q, p, gen):
-    """A wrong rule: at a rejection, resample from p instead of norm(max(0, p - q))."""
-    toks = verify_sampled(drafts, q, p, gen)
-    n = len(toks) - 1
-    if n < len(drafts):
-        toks[-1] = sample(p[n], gen)
-    return toks
-
-
 def test_distribution_check_catches_a_wrong_rule(tiny_vocab, monkeypatch):
+    """A wrong rule: at a rejection, resample from p instead of norm(max(0, p - q))."""
     params = SamplingParams(temperature=1.0)
-    monkeypatch.setattr(s2d.workers, "verify_sampled", no_residual)
+    monkeypatch.setattr(s2d.rejection, "residual", lambda p, q: p)
     pairs = first_two_tokens(tiny_vocab, N_SAMPLES, params, [0.6, 0.0])
     assert chi2_pvalue(pairs, target_joint(tiny_vocab, params)) < SIGNIFICANCE
+
+
+def test_batched_rejection_sampler_agrees_with_the_per_sequence_rule():
+    """The same inputs and seeds give the same tokens, row by row: ragged k (0 to 6), greedy and
+    sampled rows mixed, rows where p equals q (an empty residual), and a row with NaN that fails alone."""
+    g = torch.Generator().manual_seed(0)
+    Vr = 11
+    for trial in range(40):
+        ks = [int(torch.randint(0, 7, (1,), generator=g)) for _ in range(int(torch.randint(1, 9, (1,), generator=g)))]
+        drafts, logits, qs, ps, seeds = [], [], [], [], []
+        for b, k in enumerate(ks):
+            lg = torch.randn(k + 1, Vr, generator=g) * 3
+            q = torch.softmax(torch.randn(k, Vr, generator=g) * 3, -1)
+            p = torch.softmax(lg, -1)
+            if b % 4 == 1:  # a draft that matches the target exactly
+                q = p[:k].clone()
+            drafts.append(torch.multinomial(q, 1, generator=g)[:, 0].tolist() if k else [])
+            sampled = b % 3 != 2
+            if sampled and trial % 10 == 9 and b == 0:
+                p = p * float("nan")
+            logits.append(lg)
+            qs.append(q if sampled else None)
+            ps.append(p if sampled else None)
+            seeds.append(1000 * trial + b)
+        got = s2d.rejection.verify_batch(drafts, torch.cat(logits), qs, ps,
+                                         [None if p is None else generator(x) for p, x in zip(ps, seeds)])
+        for d, lg, q, p, x, out in zip(drafts, logits, qs, ps, seeds, got):
+            if p is None:
+                assert out == s2d.rejection.verify_greedy(d, lg)
+            elif not torch.isfinite(p).all():
+                assert out is None
+            else:
+                assert out == verify_sampled(d, q, p, generator(x)), (trial, d)

@@ -1,0 +1,280 @@
+"""The draft policy (goodput-aware): per target and per tick, how far to draft (k, 0 meaning no
+speculation) and at which exits, from measured step costs and the target's live acceptance.
+
+- `StepCosts` keeps the seconds each forward takes, per model, batch-size bucket and tokens per row,
+  as measured by the workers on live traffic.
+- `TargetPolicy.choose_k` picks the k that maximises expected tokens per second of a round,
+  E[tokens | k] / (verify(B, k + 1) + draft(k) + engine), against k = 0, plain decoding. So a weak
+  pairing, or a load where verification stops being nearly free, turns speculation off.
+- `TargetPolicy.thresholds` follow live acceptance: for every exit but the last, per confidence
+  bin, how often that exit's argmax and the next exit's agree with the token the target verified.
+  Exiting early at a confidence pays when the acceptance it loses, weighted by the tokens riding on
+  it (MAT), costs less than what the saved segment buys at the current rate.
+
+Both explore a little (a fraction of ticks drafts with other k, or through every exit), so
+estimates stay live where the policy is not looking. Drafts from any k and exit are verified by the
+target, so every choice is lossless; the policy only changes speed."""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+DECAY = 0.98  # per observation: old traffic fades, so the policy follows a change of load or content
+BINS = 10  # confidence bins per exit
+EXPLORE_EVERY = 16  # ticks: one in this many drafts with another k (for costs and acceptance)
+PROBE_EVERY = 8  # ticks: one in this many drafts through every exit (for the thresholds)
+MIN_ROUNDS = 8.0  # decayed rounds of acceptance before the policy trusts its estimates
+MIN_BIN = 6.0  # decayed samples in a confidence bin before its rule counts
+PRIOR_SLOPE = 0.05  # extra tokens per row, as a fraction of a 1-token forward, before one is measured
+
+
+def bucket(rows: int) -> int:
+    """Batch sizes in powers of two, so that a handful of cells covers every load."""
+    return 1 << max(0, math.ceil(math.log2(max(rows, 1))))
+
+
+class StepCosts:
+    """Seconds of a forward per (model, batch bucket, tokens per row): a moving average per cell
+    measured; a cell not measured is read off the line through its bucket's measured widths, or
+    scaled from the nearest measured bucket. `fixed` pins costs (tests, what-if analysis)."""
+
+    def __init__(self, fixed: dict[tuple[str, int, int], float] | None = None, alpha: float = 0.2):
+        self.cells: dict[tuple[str, int, int], float] = dict(fixed or {})
+        self.frozen, self.alpha = fixed is not None, alpha
+
+    def observe(self, model: str, rows: int, width: int, seconds: float):
+        if self.frozen or rows <= 0:
+            return
+        key = (model, bucket(rows), width)
+        old = self.cells.get(key)
+        self.cells[key] = seconds if old is None else old + self.alpha * (seconds - old)
+
+    def predict(self, model: str, rows: int, width: int = 1) -> float | None:
+        b = bucket(rows)
+        if (model, b, width) in self.cells:
+            return self.cells[model, b, width]
+        own = {w: c for (m, bb, w), c in self.cells.items() if m == model and bb == b}
+        if not own:  # scale the nearest measured bucket, linearly in rows
+            near = sorted({bb for (m, bb, _) in self.cells if m == model}, key=lambda bb: abs(math.log2(bb / b)))
+            if not near:
+                return None
+            scaled = self.predict(model, near[0], width)
+            return None if scaled is None else scaled * max(1.0, b / near[0]) ** 0.5
+        if len(own) == 1:
+            (w0, c0), = own.items()
+            return c0 * (1 + self._slope(model) * (width - w0))
+        ws = sorted(own)
+        mw, mc = sum(ws) / len(ws), sum(own.values()) / len(ws)
+        slope = sum((w - mw) * (own[w] - mc) for w in ws) / sum((w - mw) ** 2 for w in ws)
+        return max(mc + slope * (width - mw), min(own.values()) * 0.5)
+
+    def _slope(self, model: str) -> float:
+        """Relative cost of one more token per row, from any bucket with two widths measured."""
+        by_bucket = defaultdict(dict)
+        for (m, b, w), c in self.cells.items():
+            if m == model:
+                by_bucket[b][w] = c
+        rel = [(cs[max(cs)] / cs[min(cs)] - 1) / (max(cs) - min(cs)) for cs in by_bucket.values() if len(cs) > 1]
+        return sum(rel) / len(rel) if rel else PRIOR_SLOPE
+
+
+@dataclass
+class Acceptance:
+    """Decayed counts per draft position i: rounds whose cap allowed a draft there, drafts offered
+    there, drafts accepted there (all before it accepted too), and, per exit, drafts that reached it."""
+
+    capped: list[float] = field(default_factory=list)
+    offered: list[float] = field(default_factory=list)
+    accepted: list[float] = field(default_factory=list)
+    reach: list[float] = field(default_factory=list)  # per segment: drafted tokens that ran through it
+    drafted: float = 0.0
+
+    def record(self, k: int, drafts: int, accepted: int, segments: list[int], n_exits: int):
+        for arr in (self.capped, self.offered, self.accepted):
+            arr[:] = [x * DECAY for x in arr] + [0.0] * max(0, k - len(arr))
+        self.reach[:] = [x * DECAY for x in self.reach] + [0.0] * max(0, n_exits - len(self.reach))
+        self.drafted = self.drafted * DECAY + drafts
+        for i in range(k):
+            self.capped[i] += 1
+            self.offered[i] += i < drafts
+            self.accepted[i] += i < accepted
+        for depth in segments:  # segments each draft went through
+            for s in range(depth):
+                self.reach[s] += 1
+
+    def expected(self, k: int) -> tuple[float, float]:
+        """(tokens a round emits, drafts it makes) with at most k drafts."""
+        tokens, drafts = 1.0, 0.0
+        for i in range(min(k, len(self.capped))):
+            if self.capped[i] < 1e-9:
+                break
+            tokens += self.accepted[i] / self.capped[i]
+            drafts += self.offered[i] / self.capped[i]
+        return tokens, drafts
+
+    def segments_per_draft(self) -> list[float]:
+        """Per segment, the fraction of drafted tokens that run through it."""
+        return [r / self.drafted if self.drafted else 1.0 for r in self.reach]
+
+    @property
+    def rounds(self) -> float:
+        return self.capped[0] if self.capped else 0.0
+
+
+class TargetPolicy:
+    def __init__(self, target: str, exits: list[int], thresholds: list[float], k_max: int,
+                 online_thresholds: bool = True):
+        self.target, self.exits, self.k_max = target, exits, k_max
+        self.base = list(thresholds)
+        self.current = list(thresholds)
+        self.online = online_thresholds
+        self.acc = Acceptance()
+        # per exit but the last, per confidence bin: [samples, this exit agreed, the next exit agreed]
+        self.bins = [[[0.0, 0.0, 0.0] for _ in range(BINS)] for _ in exits[:-1]]
+        self.ticks = 0
+        self.last_k = k_max
+        self.rate = 0.0  # tokens per second per row of the last choice (for the threshold rule)
+
+    # -- how far to draft ------------------------------------------------------------------------
+    def round_cost(self, costs: StepCosts, rows: int, draft_rows: int, k: int, overhead: float) -> float | None:
+        verify = costs.predict(f"verify:{self.target}", rows, k + 1)
+        if verify is None:
+            return None
+        if k == 0:
+            return verify + overhead
+        _, drafts = self.acc.expected(k)
+        per_draft = 0.0
+        for s, share in enumerate(self.acc.segments_per_draft() or [1.0]):
+            seg = costs.predict(f"draft:{s}", draft_rows)
+            if seg is None:
+                return None
+            per_draft += share * seg
+        return verify + drafts * per_draft + overhead
+
+    def choose_k(self, costs: StepCosts, rows: int, draft_rows: int, overhead: float = 0.0) -> int:
+        """The cap on drafts for this target's `rows` decode rows this tick (the draft batch holds
+        `draft_rows` rows of every target)."""
+        self.ticks += 1
+        if self.acc.rounds < MIN_ROUNDS:
+            return self.k_max  # learn acceptance first
+        best, best_rate = 0, -1.0
+        for k in range(self.k_max + 1):
+            cost = self.round_cost(costs, rows, max(draft_rows, rows), k, overhead)
+            if cost is None:  # a cost never measured: measure it
+                return k
+            rate = self.acc.expected(k)[0] / cost
+            if rate > best_rate:
+                best, best_rate = k, rate
+        self.rate = best_rate
+        if self.ticks % EXPLORE_EVERY == 0:  # keep the other end measured
+            best = self.k_max if best < self.k_max else max(0, best // 2)
+        self.last_k = best
+        return best
+
+    # -- where to exit ---------------------------------------------------------------------------
+    def thresholds(self) -> list[float]:
+        """This tick's thresholds: the live ones, or now and then a probe through every exit."""
+        if self.online and self.ticks % PROBE_EVERY == PROBE_EVERY - 1:
+            return [2.0] * (len(self.exits) - 1) + [0.0]
+        return self.current
+
+    def record(self, k: int, drafts: list[int], exits: list[int], trace: list[list[tuple[float, int]]],
+               tokens: list[int], accepted: int):
+        """One round of a sequence: its cap, drafts and their exits, each draft's (confidence,
+        argmax) at the exits it passed, and what the target emitted."""
+        if k <= 0:
+            return
+        self.acc.record(k, len(drafts), accepted, [len(t) for t in trace], len(self.exits))
+        for i, passed in enumerate(trace[: accepted + 1]):  # positions the target verified
+            if i >= len(tokens):
+                break
+            y = tokens[i]
+            for s in range(len(passed) - 1):  # an exit with the next exit's answer too
+                conf, top = passed[s]
+                if conf != conf:
+                    continue
+                cell = self.bins[s][min(int(conf * BINS), BINS - 1)]
+                cell[0] += 1
+                cell[1] += top == y
+                cell[2] += passed[s + 1][1] == y
+
+    def update_thresholds(self, costs: StepCosts, draft_rows: int, mat: float):
+        """Move each exit's threshold to the lowest confidence from which exiting early pays."""
+        if not self.online or self.rate <= 0:
+            return
+        rows = max(draft_rows, 1)
+        for s, bins in enumerate(self.bins):
+            seg = costs.predict(f"draft:{s + 1}", rows)
+            if seg is None:
+                continue
+            saved = self.rate * seg / rows  # tokens the time of the skipped segment (a row's share) buys
+            lowest, seen = None, False
+            for b in range(BINS - 1, -1, -1):  # from confident down, while early exits pay
+                n, mine, nxt = bins[b]
+                if n < MIN_BIN:
+                    continue
+                seen = True
+                if (nxt - mine) / n * max(mat, 1.0) > saved:
+                    break
+                lowest = b
+            if seen:
+                self.current[s] = lowest / BINS if lowest is not None else 1.01
+            for cell in bins:
+                for j in range(3):
+                    cell[j] *= DECAY ** 4  # older calibration fades
+
+
+class DraftPolicy:
+    """The scheduler's policy over every target: one cost table (the draft is shared, each target
+    has its own verify costs) and a TargetPolicy per target. `mode` "static" leaves every profile
+    as configured (what `s2d tune` measures)."""
+
+    UPDATE_EVERY = 32  # ticks between threshold updates
+
+    def __init__(self, profiles: dict, exits: list[int], mode: str = "goodput", online_thresholds: bool = True,
+                 costs: StepCosts | None = None):
+        self.exits, self.mode, self.online = exits, mode, online_thresholds
+        self.costs = costs or StepCosts()
+        self.targets = {t: self._new(t, p) for t, p in profiles.items()}
+        self.overhead = 0.0  # seconds per tick of the engine's own work, moving average
+        self.ticks = 0
+
+    def _new(self, target: str, profile) -> TargetPolicy:
+        return TargetPolicy(target, self.exits, profile.thresholds_for(self.exits), profile.k_max, self.online)
+
+    def reset(self, target: str, profile):
+        self.targets[target] = self._new(target, profile)
+
+    def caps(self, rows: dict[str, int], draft_rows: int) -> dict[str, tuple[int, list[float]]]:
+        """Per target with decode rows this tick: (the cap on drafts, the exit thresholds)."""
+        if self.mode == "static":
+            return {}
+        return {t: (self.targets[t].choose_k(self.costs, n, draft_rows, self.overhead), self.targets[t].thresholds())
+                for t, n in rows.items() if n}
+
+    def record(self, target: str, k: int, outcome):
+        if self.mode != "static":
+            self.targets[target].record(k, outcome.drafts, outcome.exits, outcome.trace, outcome.tokens, outcome.accepted)
+
+    def observe(self, verified: list, wall_s: float, draft_rows: int):
+        """A finished tick: its forwards' measured seconds, and the engine's own time around them."""
+        for v in verified:
+            for f in v.forwards:
+                if f.what == "verify":
+                    self.costs.observe(f"verify:{v.target}", f.rows, f.tokens // max(f.rows, 1), f.seconds)
+        for f in verified[0].draft_forwards if verified else []:
+            if f.what.startswith("draft:"):
+                self.costs.observe(f.what, f.rows, 1, f.seconds)
+        forwards = sum(f.seconds for v in verified for f in v.forwards) + \
+            sum(f.seconds for f in (verified[0].draft_forwards if verified else []))
+        self.overhead += 0.1 * (max(wall_s - forwards, 0.0) - self.overhead)
+        self.ticks += 1
+        if self.mode != "static" and self.ticks % self.UPDATE_EVERY == 0:
+            for p in self.targets.values():
+                p.update_thresholds(self.costs, draft_rows, p.acc.expected(p.last_k)[0])
+
+    def to_dict(self) -> dict:
+        """What the policy believes now, per target (stats, benchmarks)."""
+        return {t: {"k": p.last_k, "thresholds": [round(x, 3) for x in p.current],
+                    "mat_at_k": round(p.acc.expected(p.last_k)[0], 3)} for t, p in self.targets.items()}
