@@ -17,13 +17,17 @@ target, so every choice is lossless; the policy only changes speed."""
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+import statistics
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
 DECAY = 0.98  # per observation: old traffic fades, so the policy follows a change of load or content
 BINS = 10  # confidence bins per exit
-EXPLORE_EVERY = 16  # ticks: one in this many drafts with another k (for costs and acceptance)
+EXPLORE_EVERY = 16  # ticks between drafts with a neighbouring k (for costs and acceptance) ...
+EXPLORE_OFF_MAX = 512  # ... and, while speculation stays off, up to this many (the gap doubles: a probe
+#                        then pays the draft's catch-up on every token it missed)
 PROBE_EVERY = 8  # ticks: one in this many drafts through every exit (for the thresholds)
+REDECIDE = 8  # ticks a choice of k stands (at the same load)
 MIN_ROUNDS = 8.0  # decayed rounds of acceptance before the policy trusts its estimates
 MIN_BIN = 6.0  # decayed samples in a confidence bin before its rule counts
 PRIOR_SLOPE = 0.05  # extra tokens per row, as a fraction of a 1-token forward, before one is measured
@@ -35,20 +39,25 @@ def bucket(rows: int) -> int:
 
 
 class StepCosts:
-    """Seconds of a forward per (model, batch bucket, tokens per row): a moving average per cell
-    measured; a cell not measured is read off the line through its bucket's measured widths, or
-    scaled from the nearest measured bucket. `fixed` pins costs (tests, what-if analysis)."""
+    """Seconds of a forward per (model, batch bucket, tokens per row): the median of the cell's
+    last WINDOW measurements (a stray slow step, a GC pause, does not move it); a cell not measured
+    is read off the line through its bucket's measured widths, or scaled from the nearest measured
+    bucket. `fixed` pins costs (tests, what-if analysis)."""
 
-    def __init__(self, fixed: dict[tuple[str, int, int], float] | None = None, alpha: float = 0.2):
+    WINDOW = 15
+
+    def __init__(self, fixed: dict[tuple[str, int, int], float] | None = None):
         self.cells: dict[tuple[str, int, int], float] = dict(fixed or {})
-        self.frozen, self.alpha = fixed is not None, alpha
+        self.recent: dict[tuple[str, int, int], deque] = defaultdict(lambda: deque(maxlen=self.WINDOW))
+        self.frozen = fixed is not None
 
     def observe(self, model: str, rows: int, width: int, seconds: float):
         if self.frozen or rows <= 0:
             return
         key = (model, bucket(rows), width)
-        old = self.cells.get(key)
-        self.cells[key] = seconds if old is None else old + self.alpha * (seconds - old)
+        window = self.recent[key]
+        window.append(seconds)
+        self.cells[key] = statistics.median(window)
 
     def predict(self, model: str, rows: int, width: int = 1) -> float | None:
         b = bucket(rows)
@@ -133,31 +142,39 @@ class TargetPolicy:
         # per exit but the last, per confidence bin: [samples, this exit agreed, the next exit agreed]
         self.bins = [[[0.0, 0.0, 0.0] for _ in range(BINS)] for _ in exits[:-1]]
         self.ticks = 0
+        self.gap, self.next_explore = EXPLORE_EVERY, EXPLORE_EVERY
+        self.decided_for, self.decided_at = None, 0
         self.last_k = k_max
         self.rate = 0.0  # tokens per second per row of the last choice (for the threshold rule)
 
     # -- how far to draft ------------------------------------------------------------------------
     def round_cost(self, costs: StepCosts, rows: int, draft_rows: int, k: int, overhead: float) -> float | None:
+        """Seconds of a round with at most k drafts: the verify forward, the draft's steps (each one
+        token for every drafting row, exit decisions and sampling included) and the draft call's
+        fixed part, and the engine's own work."""
         verify = costs.predict(f"verify:{self.target}", rows, k + 1)
-        if verify is None:
+        if verify is None or k == 0:
+            return None if verify is None else verify + overhead
+        step, fixed = costs.predict("draft_step", draft_rows), costs.predict("draft_call", draft_rows)
+        if step is None or fixed is None:
             return None
-        if k == 0:
-            return verify + overhead
-        _, drafts = self.acc.expected(k)
-        per_draft = 0.0
-        for s, share in enumerate(self.acc.segments_per_draft() or [1.0]):
-            seg = costs.predict(f"draft:{s}", draft_rows)
-            if seg is None:
-                return None
-            per_draft += share * seg
-        return verify + drafts * per_draft + overhead
+        return verify + self.acc.expected(k)[1] * step + fixed + overhead
 
     def choose_k(self, costs: StepCosts, rows: int, draft_rows: int, overhead: float = 0.0) -> int:
         """The cap on drafts for this target's `rows` decode rows this tick (the draft batch holds
-        `draft_rows` rows of every target)."""
+        `draft_rows` rows of every target). Decided again every REDECIDE ticks or when the load
+        moves to another batch bucket."""
         self.ticks += 1
         if self.acc.rounds < MIN_ROUNDS:
             return self.k_max  # learn acceptance first
+        if self.ticks >= self.next_explore:  # measure a neighbour, so a better k can be found
+            self.gap = min(2 * self.gap, EXPLORE_OFF_MAX) if self.last_k == 0 else EXPLORE_EVERY
+            self.next_explore = self.ticks + self.gap
+            return self.last_k + 1 if self.last_k < self.k_max else self.last_k - 1
+        key = (bucket(rows), bucket(draft_rows))
+        if key == self.decided_for and self.ticks < self.decided_at + REDECIDE:
+            return self.last_k
+        self.decided_for, self.decided_at = key, self.ticks
         best, best_rate = 0, -1.0
         for k in range(self.k_max + 1):
             cost = self.round_cost(costs, rows, max(draft_rows, rows), k, overhead)
@@ -167,8 +184,6 @@ class TargetPolicy:
             if rate > best_rate:
                 best, best_rate = k, rate
         self.rate = best_rate
-        if self.ticks % EXPLORE_EVERY == 0:  # keep the other end measured
-            best = self.k_max if best < self.k_max else max(0, best // 2)
         self.last_k = best
         return best
 
@@ -263,12 +278,19 @@ class DraftPolicy:
             for f in v.forwards:
                 if f.what == "verify":
                     self.costs.observe(f"verify:{v.target}", f.rows, f.tokens // max(f.rows, 1), f.seconds)
-        for f in verified[0].draft_forwards if verified else []:
-            if f.what.startswith("draft:"):
+        drafting = verified[0].draft_forwards if verified else []
+        steps = [f for f in drafting if f.what == "draft_step"]
+        for f in drafting:
+            if f.what.startswith("draft"):
                 self.costs.observe(f.what, f.rows, 1, f.seconds)
-        forwards = sum(f.seconds for v in verified for f in v.forwards) + \
-            sum(f.seconds for f in (verified[0].draft_forwards if verified else []))
-        self.overhead += 0.1 * (max(wall_s - forwards, 0.0) - self.overhead)
+        draft_s = verified[0].draft_busy_s if verified else 0.0
+        if steps:  # what a draft call costs besides its steps (syncing tokens, catching up, prefill)
+            self.costs.observe("draft_call", steps[0].rows, 1, max(draft_s - sum(f.seconds for f in steps), 0.0))
+        verify_s = sum(f.seconds for v in verified for f in v.forwards)
+        if self.costs.frozen:  # pinned costs pin the engine's own time too (deterministic tests)
+            self.overhead = self.costs.cells.get(("engine", 1, 1), 0.0)
+        else:
+            self.overhead += 0.1 * (max(wall_s - draft_s - verify_s, 0.0) - self.overhead)
         self.ticks += 1
         if self.mode != "static" and self.ticks % self.UPDATE_EVERY == 0:
             for p in self.targets.values():

@@ -61,47 +61,55 @@ def verify_batch(drafts: list[list[int]], logits: torch.Tensor, q: list[torch.Te
     The only host sync is the final copy."""
     dev = logits.device
     sizes = [len(d) + 1 for d in drafts]
-    B = len(drafts)
-    row_of = torch.repeat_interleave(torch.arange(B, device=dev), torch.tensor(sizes, device=dev))  # [N]
-    bad = torch.zeros(B, device=dev).index_add_(0, row_of, (~torch.isfinite(logits).all(-1)).float())  # [B]
-    best = logits.argmax(-1)  # [N] the greedy rows' answer
-    sampled = [b for b in range(B) if p[b] is not None]
-    n_acc = torch.zeros(B, dtype=torch.long, device=dev)  # [B] accepted drafts (sampled rows)
-    last = torch.zeros(B, dtype=torch.long, device=dev)  # [B] the token after them (sampled rows)
+    parts = [logits.argmax(-1), torch.isfinite(logits).all(-1).long()]  # [N] each: greedy answers, finite rows
+    sampled = [b for b in range(len(drafts)) if p[b] is not None]
     if sampled:
-        ks = [sizes[b] - 1 for b in sampled]
-        flat = [b for b in sampled for _ in range(sizes[b] - 1)]
-        if flat:  # the ratio test for every drafted token of every sampled row: [M] with M = sum(k)
-            x = torch.tensor([t for b in sampled for t in drafts[b]], device=dev)
-            pq = torch.cat([p[b][:-1] for b in sampled if sizes[b] > 1])  # [M, V]
-            qq = torch.cat([q[b].to(dev) for b in sampled if sizes[b] > 1])  # [M, V]
-            m = torch.arange(len(flat), device=dev)
-            ratio = pq[m, x] / qq[m, x].clamp_min(1e-30)
-            u = torch.cat([torch.rand(sizes[b] - 1, generator=gens[b], device=dev) for b in sampled if sizes[b] > 1])
-            pos = torch.cat([torch.arange(k, device=dev) for k in ks if k])  # [M] position within its row
-            rows = torch.tensor(flat, device=dev)
-            # the first rejected position of each row, or k where every draft was accepted
-            first = torch.where(u > ratio, pos, torch.tensor(sizes, device=dev)[rows] - 1)
-            n_acc.scatter_reduce_(0, rows, first, "amin", include_self=False)
-        for b, k in zip(sampled, ks):
-            n = n_acc[b]
-            pb = p[b]
-            ok = torch.isfinite(pb).all()
-            bad[b] += (~ok).float()
-            dist = pb[n] if k == 0 else torch.where(n < k, residual(pb[n], q[b].to(dev)[n.clamp(max=k - 1)]), pb[n])
-            # a NaN row samples from a stand-in (multinomial cannot take it); the row fails below
-            dist = torch.where(ok, dist, torch.ones_like(dist))
-            last[b] = torch.multinomial(dist, 1, generator=gens[b])[0]
-    host = torch.cat([best, bad.long(), n_acc, last]).tolist()  # the one sync
-    N = len(row_of)
-    host_best, host_bad, host_n, host_last = host[:N], host[N:N + B], host[N + B:N + 2 * B], host[N + 2 * B:]
+        parts += _sample_rows([drafts[b] for b in sampled], [q[b] for b in sampled], [p[b] for b in sampled],
+                              [gens[b] for b in sampled], dev)
+    host = torch.cat(parts).tolist()  # the one sync
+    N, S = len(logits), len(sampled)
+    best, finite = host[:N], host[N:2 * N]
+    n_acc, last, ok = host[2 * N:2 * N + S], host[2 * N + S:2 * N + 2 * S], host[2 * N + 2 * S:]
+    where = {b: j for j, b in enumerate(sampled)}
     out, at = [], 0
-    for b in range(B):
-        if host_bad[b]:
+    for b, size in enumerate(sizes):
+        j = where.get(b)
+        if not all(finite[at:at + size]) or (j is not None and not ok[j]):
             out.append(None)
-        elif p[b] is None:
-            out.append(accept_prefix(drafts[b], host_best[at:at + sizes[b]]))
+        elif j is None:
+            out.append(accept_prefix(drafts[b], best[at:at + size]))
         else:
-            out.append(drafts[b][:host_n[b]] + [host_last[b]])
-        at += sizes[b]
+            out.append(drafts[b][:n_acc[j]] + [last[j]])
+        at += size
     return out
+
+
+def _sample_rows(drafts, q, p, gens, dev) -> list[torch.Tensor]:
+    """The sampled rows, all on the device: [accepted drafts] [S], [the token after them] [S],
+    [finite] [S]. The ratio test runs over every drafted token of every row at once; each row
+    then draws its last token (residual or bonus) with its own generator."""
+    S = len(drafts)
+    ks = [len(d) for d in drafts]
+    n_acc = torch.zeros(S, dtype=torch.long, device=dev)
+    drafted = [j for j in range(S) if ks[j]]
+    if drafted:  # [M] with M = sum(k): one entry per drafted token
+        rows = torch.tensor([j for j in drafted for _ in range(ks[j])], device=dev)
+        x = torch.tensor([t for j in drafted for t in drafts[j]], device=dev)
+        pq = torch.cat([p[j][:-1] for j in drafted])  # [M, V]
+        qq = torch.cat([q[j].to(dev) for j in drafted])  # [M, V]
+        m = torch.arange(len(x), device=dev)
+        ratio = pq[m, x] / qq[m, x].clamp_min(1e-30)
+        u = torch.cat([torch.rand(ks[j], generator=gens[j], device=dev) for j in drafted])
+        pos = torch.cat([torch.arange(ks[j], device=dev) for j in drafted])  # position within its row
+        k_of = torch.tensor(ks, device=dev)[rows]
+        # the first rejected position of each row, or k where every draft was accepted
+        n_acc.scatter_reduce_(0, rows, torch.where(u > ratio, pos, k_of), "amin", include_self=False)
+    last, ok = [], []
+    for j in range(S):
+        n, k, pj = n_acc[j], ks[j], p[j]
+        good = torch.isfinite(pj).all()
+        dist = pj[n] if k == 0 else torch.where(n < k, residual(pj[n], q[j].to(dev)[n.clamp(max=k - 1)]), pj[n])
+        dist = torch.where(good, dist, torch.ones_like(dist))  # multinomial cannot take NaN; the row fails
+        last.append(torch.multinomial(dist, 1, generator=gens[j]))
+        ok.append(good.long()[None])
+    return [n_acc, torch.cat(last), torch.cat(ok)]

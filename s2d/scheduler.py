@@ -135,8 +135,8 @@ class Scheduler:
         first_long = next((s for s in candidates if is_long[s.seq_id]), None)
         rows = {t: 0 for t in self.target_slots}
         for s in candidates:
-            rows[s.target] += not s.pending
-        caps = self.policy.caps(rows, sum(s.plan.k_max > 0 and not s.pending for s in candidates))
+            rows[s.target] += 1
+        caps = self.policy.caps(rows, sum(s.plan.k_max > 0 for s in candidates))
         budget, seqs, work = sched.prefill_budget, [], []
         for s in sorted(candidates, key=lambda s: s is not first_long):  # stable: in admission order
             if s is first_long:

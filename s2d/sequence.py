@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 
 from s2d.config import Profile, SamplingParams
+from s2d.detok import Detokenizer
 from s2d.executor import Outcome, Work
 from s2d.metrics import SpecStats
 from s2d.request import RequestError
@@ -115,8 +116,9 @@ class Sequence:
         self.round = 0
         self.drafting_k = 0  # the cap on drafts of the work in flight
         self.stats = SpecStats()
-        self.text = tokenizer.decode(self.out, skip_special_tokens=True) if self.out else ""
-        self.sent = len(self.text) - self.text.endswith("\ufffd")  # what the client was sent
+        self.detok = Detokenizer(tokenizer, self.out)
+        self.text = self.detok.text
+        self.sent = len(self.text)  # what the client was sent
         self.finished, self.finish_reason, self.error = False, None, None
         self.t0 = time.perf_counter()
 
@@ -175,13 +177,15 @@ class Sequence:
             if len(self.out) >= self.params.max_tokens:
                 self._finish("length")
                 break
-        self.text = self.tokenizer.decode(self.out, skip_special_tokens=True)
+        stable = self.detok.push(new)
+        text = self.detok.full() if self.finished or self.params.stop else stable  # stops match the tail too
         for stop in self.params.stop:
-            at = self.text.find(stop, max(0, self.sent - len(stop)))
+            at = text.find(stop, max(0, self.sent - len(stop)))
             if at >= 0:
-                self.text = self.text[:at]
+                text = text[:at]
                 self._finish("stop")
-        end = len(self.text) if self.finished or not self.text.endswith("\ufffd") else len(self.text) - 1
+        self.text = text if self.finished else stable[:len(text)]
+        end = len(self.text)
         delta, self.sent = self.text[self.sent:end], max(self.sent, end)
         if not self.finished:
             return Delta(self.seq_id, new, delta)

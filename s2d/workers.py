@@ -176,6 +176,8 @@ class Proposer(Worker):
         active = [i for i, it in enumerate(items) if it.k > 0]
         self.batch_sizes.append(len(active))
         while active:
+            t_step = time.perf_counter()
+            rows = len(active)
             emitted = self._to_exits(active, items, slots, work, out)
             drawn = self._draw(emitted, items, gens, qs, out)
             for i in active:
@@ -187,6 +189,7 @@ class Proposer(Worker):
                 out[i].exits.append(self.exits[emitted[i][0]])
             active = [i for i in active if not out[i].error and len(out[i].drafts) < items[i].k
                       and emitted[i][1] >= items[i].stop_threshold]
+            self._observe("draft_step", rows, rows, time.perf_counter() - t_step)  # one token for every active row
         for i, it in enumerate(items):
             self.table.tokens[it.seq_id] = work[i][: self.draft.fill[slots[i]][0]]
             if qs[i]:

@@ -1,0 +1,92 @@
+"""The draft policy (s2d/policy.py): it turns speculation off where it cannot pay, drafts less as
+verification stops being free, and its exit thresholds converge from bad starting profiles toward
+the offline-tuned one on a live stream of requests. Costs are pinned (StepCosts(fixed=...)), so
+what is tested is the policy's reasoning, not this machine's timings."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from s2d.bench import heldout_code
+from s2d.config import Profile, SamplingParams, load_config
+from s2d.engine import Engine, Request
+from s2d.policy import StepCosts, TargetPolicy
+
+MS = 1e-3
+EXITS = [1, 2, 3]
+
+
+def costs(draft_step: float, verify=lambda rows, w: 4 * MS + 0.1 * MS * (w - 1), rows=(1,)) -> StepCosts:
+    cells = {("draft_step", b, 1): draft_step for b in (1, 2, 4, 8, 16, 32)}
+    cells |= {("draft_call", b, 1): 0.0 for b in (1, 2, 4, 8, 16, 32)}
+    cells |= {("verify:t", b, w): verify(b, w) for b in rows for w in range(1, 7)}
+    return StepCosts(fixed=cells)
+
+
+def trained(acceptance: float = 0.8, k: int = 5) -> TargetPolicy:
+    """A policy that has seen 40 rounds where each draft is accepted with the given probability."""
+    p = TargetPolicy("t", EXITS, [0.5, 0.5, 0.0], k)
+    for r in range(40):
+        accepted = 0
+        while accepted < k and (r * 7 + accepted * 3) % 10 < 10 * acceptance:
+            accepted += 1
+        p.record(k, [1] * k, [1] * k, [[(0.9, 1)]] * k, [1] * (accepted + 1), accepted)
+    return p
+
+
+def test_a_draft_as_costly_as_the_target_turns_speculation_off():
+    p = trained()
+    assert p.choose_k(costs(draft_step=4 * MS), 1, 1) == 0
+    assert trained().choose_k(costs(draft_step=0.2 * MS), 1, 1) > 0  # the same acceptance, a cheap draft: on
+
+
+def test_low_acceptance_turns_speculation_off():
+    assert trained(acceptance=0.05).choose_k(costs(draft_step=0.4 * MS), 1, 1) == 0
+
+
+def test_drafting_shrinks_as_verification_stops_being_free():
+    """At 1 row a token more per row costs 2.5% of a forward; at 32 rows, 40%."""
+    def verify(rows, w):
+        return (4 + 0.1 * (w - 1)) * MS if rows == 1 else (20 + 8 * (w - 1)) * MS
+    c = costs(0.3 * MS, verify, rows=(1, 32))
+    light, heavy = trained().choose_k(c, 1, 1), trained().choose_k(c, 32, 32)
+    assert light >= 3 and heavy < light
+
+
+PINNED = {("verify:demo-l", 1, w): 4 * MS + 0.15 * MS * (w - 1) for w in range(1, 7)}
+PINNED |= {("draft_step", 1, 1): 0.4 * MS, ("draft_call", 1, 1): 0.1 * MS, ("engine", 1, 1): 0.3 * MS}
+PINNED |= {(f"draft:{s}", 1, 1): 0.3 * MS for s in range(3)}
+
+
+def modelled_tokens_per_s(results: list[dict]) -> float:
+    """Goodput under the pinned costs: each round's verify and engine time, each drafted token's
+    segments (an exit at depth d ran d segments)."""
+    tokens = seconds = 0.0
+    for r in results:
+        st = r["stats"]
+        rounds = st["target_forwards"]
+        width = 1 + round(st["drafted"] / max(rounds, 1))
+        seconds += rounds * (PINNED["verify:demo-l", 1, min(width, 6)] + 0.3 * MS)
+        seconds += sum(int(d) * n * 0.3 * MS for d, n in st["exit_histogram"].items())
+        tokens += len(r["token_ids"])
+    return tokens / seconds
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return Engine.from_config(load_config("demo"))
+
+
+@pytest.mark.parametrize("start", [[1.01, 1.01, 0.0], [0.0, 0.0, 0.0]])
+def test_online_thresholds_converge_from_a_bad_profile(demo, start):
+    """Always the deepest exit, or always the first: on 20 held-out code prompts the thresholds move
+    into the tuned profile's region (0.5, 0, 0) and the modelled goodput rises."""
+    demo.set_profile("demo-l", Profile(thresholds=start, k_max=4))
+    demo.scheduler.policy.costs = StepCosts(fixed=PINNED)
+    policy = demo.scheduler.policy.targets["demo-l"]
+    prompts = heldout_code(Path(load_config("demo").base_dir), 20)
+    results = [demo.generate([Request(target="demo-l", prompt=p, params=SamplingParams(max_tokens=48, ignore_eos=True))])[0]
+               for p in prompts]
+    assert 0.1 <= policy.current[0] <= 0.8 and policy.current[1] <= 0.5, policy.current
+    assert modelled_tokens_per_s(results[-6:]) > 1.1 * modelled_tokens_per_s(results[:3])
