@@ -26,6 +26,12 @@ class KVCache:
             k[slot].zero_()
             v[slot].zero_()
 
+    def move(self, src: int, dst: int, n: int):
+        """Copy a slot's first n positions into another slot (compaction, see SlotTable.release)."""
+        for k, v in zip(self.k, self.v):
+            k[dst, :, :n] = k[src, :, :n]
+            v[dst, :, :n] = v[src, :, :n]
+
     def read(self, layer: int, slots, n_keys: int, contiguous_from: int | None):
         """Keys and values of the first n_keys positions: a view when slots are adjacent."""
         if contiguous_from is not None:
@@ -41,7 +47,7 @@ class SlotTable:
 
     def __init__(self, n_slots: int):
         self.n_slots = n_slots
-        self.free = list(range(n_slots - 1, -1, -1))
+        self.free = list(range(n_slots - 1, -1, -1))  # pop() takes the lowest
         self.slot: dict[str, int] = {}  # insertion order = least recently used first
         self.tokens: dict[str, list[int]] = {}
         self.evicted = 0
@@ -69,6 +75,21 @@ class SlotTable:
             return False
         self.free.append(slot)
         return True
+
+    def compact(self, freed: int) -> tuple[int, int] | None:
+        """After `freed` was released: move the sequence in the highest live slot above it down into
+        it, so live slots stay 0..n-1 and a batch of them reads the cache as a view instead of
+        gathering (copying) every layer's keys and values on every forward. Returns (src, dst) for
+        the caller to move the cached data, or None."""
+        if not self.slot:
+            return None
+        seq, src = max(self.slot.items(), key=lambda kv: kv[1])
+        if src < freed:
+            return None
+        self.free.remove(freed)
+        self.slot[seq] = freed
+        self.free.append(src)
+        return src, freed
 
     def common_prefix(self, seq_id: str, tokens: list[int]) -> int:
         """Length of the cached prefix still valid for `tokens`; at least one token stays uncached

@@ -72,20 +72,24 @@ class StepCosts:
             return None if scaled is None else scaled * max(1.0, b / near[0]) ** 0.5
         if len(own) == 1:
             (w0, c0), = own.items()
-            return c0 * (1 + self._slope(model) * (width - w0))
+            return c0 * (1 + self._slope(model, b) * (width - w0))
         ws = sorted(own)
         mw, mc = sum(ws) / len(ws), sum(own.values()) / len(ws)
         slope = sum((w - mw) * (own[w] - mc) for w in ws) / sum((w - mw) ** 2 for w in ws)
         return max(mc + slope * (width - mw), min(own.values()) * 0.5)
 
-    def _slope(self, model: str) -> float:
-        """Relative cost of one more token per row, from any bucket with two widths measured."""
+    def _slope(self, model: str, b: int) -> float:
+        """Relative cost of one more token per row, from the nearest bucket with two widths measured
+        (verification gets dearer per token as rows grow, so the nearest one says most)."""
         by_bucket = defaultdict(dict)
-        for (m, b, w), c in self.cells.items():
+        for (m, bb, w), c in self.cells.items():
             if m == model:
-                by_bucket[b][w] = c
-        rel = [(cs[max(cs)] / cs[min(cs)] - 1) / (max(cs) - min(cs)) for cs in by_bucket.values() if len(cs) > 1]
-        return sum(rel) / len(rel) if rel else PRIOR_SLOPE
+                by_bucket[bb][w] = c
+        known = [bb for bb, cs in by_bucket.items() if len(cs) > 1]
+        if not known:
+            return PRIOR_SLOPE
+        cs = by_bucket[min(known, key=lambda bb: abs(math.log2(bb / b)))]
+        return (cs[max(cs)] / cs[min(cs)] - 1) / (max(cs) - min(cs))
 
 
 @dataclass
@@ -167,11 +171,14 @@ class TargetPolicy:
         self.ticks += 1
         if self.acc.rounds < MIN_ROUNDS:
             return self.k_max  # learn acceptance first
+        key = (bucket(rows), bucket(draft_rows))
+        if key != self.decided_for and self.decided_for is not None:  # a new load: look around it soon
+            self.gap, self.next_explore = EXPLORE_EVERY // 2, self.ticks + 1
         if self.ticks >= self.next_explore:  # measure a neighbour, so a better k can be found
             self.gap = min(2 * self.gap, EXPLORE_OFF_MAX) if self.last_k == 0 else EXPLORE_EVERY
             self.next_explore = self.ticks + self.gap
+            self.decided_for = key
             return self.last_k + 1 if self.last_k < self.k_max else self.last_k - 1
-        key = (bucket(rows), bucket(draft_rows))
         if key == self.decided_for and self.ticks < self.decided_at + REDECIDE:
             return self.last_k
         self.decided_for, self.decided_at = key, self.ticks

@@ -20,6 +20,7 @@ from s2d.rejection import verify_batch
 from s2d.sampling import generator, probs_from_logits, sample
 
 
+SPLIT_KEYS = 4  # decode rows attend in two groups past this ratio of context lengths (split_by_keys)
 INLINE_TOKENS = 8  # unseen tokens (before the last) up to this many ride in a decode row; more get a prefill forward
 
 
@@ -108,9 +109,17 @@ class Worker:
         if seq_id in self.failed and slot is not None:
             self.failed.discard(seq_id)
             self.clear_slot(slot)
-        return self.table.release(seq_id)
+        if not self.table.release(seq_id):
+            return False
+        moved = self.table.compact(slot)
+        if moved:
+            self.move_slot(*moved)
+        return True
 
     def clear_slot(self, slot: int):
+        raise NotImplementedError
+
+    def move_slot(self, src: int, dst: int):
         raise NotImplementedError
 
     def stats(self) -> dict:
@@ -149,6 +158,13 @@ class Proposer(Worker):
         self.draft.lm.cache.clear(slot)
         self.draft.hidden[slot].zero_()
 
+    def move_slot(self, src: int, dst: int):
+        d = self.draft
+        n = max(d.fill[src])
+        d.lm.cache.move(src, dst, n)
+        d.hidden[dst, :n] = d.hidden[src, :n]
+        d.fill[dst], d.fill[src] = d.fill[src], [0] * len(d.exits)
+
     @torch.inference_mode()
     def prefill(self, items: list[PrefillItem]):
         """Prompt chunks through every segment of the draft, in a forward of their own."""
@@ -173,7 +189,7 @@ class Proposer(Worker):
         out = [Proposal() for _ in items]
         qs: list[list[torch.Tensor]] = [[] for _ in items]
         gens = [None if it.params.greedy else generator(it.seed, self.draft.lm.last_device) for it in items]
-        active = [i for i, it in enumerate(items) if it.k > 0]
+        active = sorted((i for i, it in enumerate(items) if it.k > 0), key=lambda i: slots[i])  # slot order: adjacent slots read the cache as a view
         self.batch_sizes.append(len(active))
         while active:
             t_step = time.perf_counter()
@@ -251,10 +267,12 @@ class Proposer(Worker):
 
 
 def split_by_keys(rows: list[int], ends: list[int]) -> list[list[int]]:
-    """The decode rows in one group, or two when the longest context is more than twice the
-    shortest: short contexts then do not attend over the long one's keys."""
+    """The decode rows in one group, or two when the longest context is more than SPLIT_KEYS times
+    the shortest: short contexts then do not attend over the long one's keys. Below that, one group
+    is cheaper: its slots are often adjacent, read as a view of the cache, where each of two
+    groups would gather (copy) its keys and values."""
     order = sorted(rows, key=lambda i: ends[i])
-    if len(order) < 2 or ends[order[-1]] <= 2 * max(ends[order[0]], KEY_BUCKET):
+    if len(order) < 2 or ends[order[-1]] <= SPLIT_KEYS * max(ends[order[0]], KEY_BUCKET):
         return [order]
     cut = max(range(1, len(order)), key=lambda j: ends[order[j]] / max(ends[order[j - 1]], 1))
     return [order[:cut], order[cut:]]
@@ -267,6 +285,10 @@ class Verifier(Worker):
 
     def clear_slot(self, slot: int):
         self.lm.cache.clear(slot)
+
+    def move_slot(self, src: int, dst: int):
+        seq = next(s for s, sl in self.table.slot.items() if sl == dst)
+        self.lm.cache.move(src, dst, len(self.table.tokens[seq]))
 
     @torch.inference_mode()
     def verify(self, items: list[VerifyItem], chunks: list[PrefillItem] = ()) -> list[Verdict]:
@@ -283,6 +305,7 @@ class Verifier(Worker):
                 starts[i] = len(it.tokens) - 1
             rows.append(it.tokens[starts[i]:] + it.drafts)
         dec = split_by_keys(list(range(len(items))), [st + len(r) for st, r in zip(starts, rows)]) if items else []
+        dec = [sorted(g, key=lambda i: slots[n + i]) for g in dec]  # slot order: adjacent slots read the cache as a view
         groups = ([[list(col) for col in zip(*fill)]] if fill else []) + \
             [[[slots[n + i] for i in g], [starts[i] for i in g], [rows[i] for i in g]] for g in dec]
         self.prefill_forwards += bool(fill)

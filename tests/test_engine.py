@@ -207,3 +207,19 @@ def test_bundled_demo_family_s2d_equals_ar():
             outs = {m: eng.generate([Request(target=target, prompt=prompt, params=greedy(40), mode=m)])[0]["token_ids"]
                     for m in ("ar", "s2d", "fixed:2")}
             assert outs["s2d"] == outs["ar"] == outs["fixed:2"], (target, prompt)
+
+
+def test_slots_stay_compact_as_sequences_end_and_outputs_stay_exact(engine):
+    """Requests ending at different rounds free slots in the middle; the highest live sequence moves
+    into each freed slot (its keys, values and the draft's hidden states with it), so every
+    worker's live slots stay 0..n-1 and batches read the cache as a view. Outputs equal solo runs."""
+    reqs = [Request(target=t, prompt=p, params=greedy(4 + 5 * i, ignore_eos=True), mode=("s2d", "ar")[i % 2])
+            for i, (t, p) in enumerate(zip(["small", "large"] * 4, PROMPTS[:8]))]
+    solo = [engine.generate([r])[0]["token_ids"] for r in reqs]
+    seqs = [engine.scheduler.add(r) for r in reqs]
+    workers = [engine.proposer, *engine.verifiers.values()]
+    while engine.has_work:
+        engine.step()
+        for w in workers:
+            assert sorted(w.table.slot.values()) == list(range(len(w.table.slot)))
+    assert [s.out for s in seqs] == solo
