@@ -30,7 +30,8 @@ def load_draft(cfg: EngineConfig) -> SortedDraft:
 def load_target(cfg: EngineConfig, name: str) -> CausalLM:
     t = cfg.target(name)
     return CausalLM.from_pretrained(cfg.resolve(t.path), n_slots=t.max_seqs, max_len=t.max_seq_len, dtype=t.dtype,
-                                    devices=t.placement, trust_remote_code=t.trust_remote_code)
+                                    devices=t.placement, trust_remote_code=t.trust_remote_code,
+                                    static_forward=t.static_forward)
 
 
 class TargetFrontend:

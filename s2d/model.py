@@ -210,7 +210,7 @@ class Backbone(nn.Module):
 class CausalLM(nn.Module):
     """A Llama-family LM over a static KV cache with `n_slots` sequences of `max_len` tokens."""
 
-    def __init__(self, cfg, n_slots=8, max_len=None, dtype=torch.float32, devices=("cpu",)):
+    def __init__(self, cfg, n_slots=8, max_len=None, dtype=torch.float32, devices=("cpu",), static_forward="auto"):
         super().__init__()
         self.cfg = cfg
         self.model = Backbone(cfg)
@@ -231,14 +231,17 @@ class CausalLM(nn.Module):
         self.first_device, self.last_device = devices[0], devices[-1]
         self.cache: KVCache | None = None
         self.forward_s = 0.0  # seconds spent in layers and head (on CPU; on a GPU, launching them)
+        self.static_forward = static_forward  # s2d/graphs.py: auto is on (CUDA graphs) on CUDA, off on CPU
+        self.static = None
 
     # -- loading -------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path, n_slots=8, max_len=None, dtype="auto", devices=("cpu",), trust_remote_code=False):
+    def from_pretrained(cls, path, n_slots=8, max_len=None, dtype="auto", devices=("cpu",), trust_remote_code=False,
+                        static_forward="auto"):
         cfg = load_hf_config(path, trust_remote_code)
         torch_dtype = resolve_dtype(dtype, devices[0]) if isinstance(dtype, str) else dtype
         with torch.device("meta"):
-            model = cls(cfg, n_slots, max_len, torch_dtype, tuple(devices))
+            model = cls(cfg, n_slots, max_len, torch_dtype, tuple(devices), static_forward)
         model.load_weights(load_safetensors_dir(path))
         return model
 
@@ -273,6 +276,11 @@ class CausalLM(nn.Module):
             self.w_head = self.lm_head.weight.t().contiguous()  # [d, V] (a copy when tied to the embedding)
             if not self.tied:
                 self.lm_head.weight = nn.Parameter(self.w_head.t(), requires_grad=False)
+        on_cuda = torch.device(self.first_device).type == "cuda"
+        if self.static_forward == "on" or (self.static_forward == "auto" and on_cuda):
+            from s2d.graphs import StaticForward
+
+            self.static = StaticForward(self, capture=on_cuda)
         hd = getattr(self.cfg, "head_dim", None) or self.cfg.hidden_size // self.cfg.num_attention_heads
         self.cache = KVCache(self.n_slots, self.max_len, self.cfg.num_key_value_heads, hd, self.dtype, self.layer_devices)
         return self

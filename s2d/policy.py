@@ -135,6 +135,16 @@ class Acceptance:
         return self.capped[0] if self.capped else 0.0
 
 
+@dataclass
+class Load:
+    """What a target's policy chose at one load (batch-size buckets), and when it looks around."""
+
+    k: int
+    decided_at: int = -(1 << 30)
+    gap: int = EXPLORE_EVERY
+    next_explore: int = EXPLORE_EVERY
+
+
 class TargetPolicy:
     def __init__(self, target: str, exits: list[int], thresholds: list[float], k_max: int,
                  online_thresholds: bool = True):
@@ -146,8 +156,7 @@ class TargetPolicy:
         # per exit but the last, per confidence bin: [samples, this exit agreed, the next exit agreed]
         self.bins = [[[0.0, 0.0, 0.0] for _ in range(BINS)] for _ in exits[:-1]]
         self.ticks = 0
-        self.gap, self.next_explore = EXPLORE_EVERY, EXPLORE_EVERY
-        self.decided_for, self.decided_at = None, 0
+        self.loads: dict[tuple[int, int], Load] = {}
         self.last_k = k_max
         self.rate = 0.0  # tokens per second per row of the last choice (for the threshold rule)
 
@@ -164,24 +173,30 @@ class TargetPolicy:
             return None
         return verify + self.acc.expected(k)[1] * step + fixed + overhead
 
-    def choose_k(self, costs: StepCosts, rows: int, draft_rows: int, overhead: float = 0.0) -> int:
-        """The cap on drafts for this target's `rows` decode rows this tick (the draft batch holds
-        `draft_rows` rows of every target). Decided again every REDECIDE ticks or when the load
-        moves to another batch bucket."""
+    def choose_k(self, costs: StepCosts, rows: int, draft_rows: int, overhead: float = 0.0) -> tuple[int, int]:
+        """(the cap on drafts for this target's `rows` decode rows this tick, the cap for one of
+        them): the draft batch holds `draft_rows` rows of every target. Each load (batch buckets)
+        keeps its own choice, made again every REDECIDE ticks, and now and then one row, or all
+        rows while speculation is on, tries a neighbouring k."""
         self.ticks += 1
         if self.acc.rounds < MIN_ROUNDS:
-            return self.k_max  # learn acceptance first
+            return self.k_max, self.k_max  # learn acceptance first
         key = (bucket(rows), bucket(draft_rows))
-        if key != self.decided_for and self.decided_for is not None:  # a new load: look around it soon
-            self.gap, self.next_explore = EXPLORE_EVERY // 2, self.ticks + 1
-        if self.ticks >= self.next_explore:  # measure a neighbour, so a better k can be found
-            self.gap = min(2 * self.gap, EXPLORE_OFF_MAX) if self.last_k == 0 else EXPLORE_EVERY
-            self.next_explore = self.ticks + self.gap
-            self.decided_for = key
-            return self.last_k + 1 if self.last_k < self.k_max else self.last_k - 1
-        if key == self.decided_for and self.ticks < self.decided_at + REDECIDE:
-            return self.last_k
-        self.decided_for, self.decided_at = key, self.ticks
+        load = self.loads.get(key)
+        if load is None:
+            load = self.loads[key] = Load(self.last_k, next_explore=self.ticks + EXPLORE_EVERY // 2)
+        if self.ticks >= load.decided_at + REDECIDE:
+            load.k, load.decided_at = self._best_k(costs, rows, draft_rows, overhead), self.ticks
+        self.last_k = load.k
+        if self.ticks < load.next_explore:
+            return load.k, load.k
+        load.gap = min(2 * load.gap, EXPLORE_OFF_MAX) if load.k == 0 else EXPLORE_EVERY
+        load.next_explore = self.ticks + load.gap
+        probe = load.k + 1 if load.k < self.k_max else load.k - 1
+        # off: one row probes, so only its draft catch-up is paid; on: all rows, to measure the batch
+        return (0, probe) if load.k == 0 else (probe, probe)
+
+    def _best_k(self, costs: StepCosts, rows: int, draft_rows: int, overhead: float) -> int:
         best, best_rate = 0, -1.0
         for k in range(self.k_max + 1):
             cost = self.round_cost(costs, rows, max(draft_rows, rows), k, overhead)
@@ -191,7 +206,6 @@ class TargetPolicy:
             if rate > best_rate:
                 best, best_rate = k, rate
         self.rate = best_rate
-        self.last_k = best
         return best
 
     # -- where to exit ---------------------------------------------------------------------------
@@ -268,11 +282,12 @@ class DraftPolicy:
     def reset(self, target: str, profile):
         self.targets[target] = self._new(target, profile)
 
-    def caps(self, rows: dict[str, int], draft_rows: int) -> dict[str, tuple[int, list[float]]]:
-        """Per target with decode rows this tick: (the cap on drafts, the exit thresholds)."""
+    def caps(self, rows: dict[str, int], draft_rows: int) -> dict[str, tuple[int, int, list[float]]]:
+        """Per target with decode rows this tick: (the cap on drafts, the cap for one probing row,
+        the exit thresholds)."""
         if self.mode == "static":
             return {}
-        return {t: (self.targets[t].choose_k(self.costs, n, draft_rows, self.overhead), self.targets[t].thresholds())
+        return {t: (*self.targets[t].choose_k(self.costs, n, draft_rows, self.overhead), self.targets[t].thresholds())
                 for t, n in rows.items() if n}
 
     def record(self, target: str, k: int, outcome):

@@ -137,6 +137,8 @@ class Scheduler:
         for s in candidates:
             rows[s.target] += 1
         caps = self.policy.caps(rows, sum(s.plan.k_max > 0 for s in candidates))
+        probe = {t: min((s for s in candidates if s.target == t and s.plan.adaptive), key=lambda s: len(s.tokens),
+                        default=None) for t, (k, k_one, _) in caps.items() if k_one != k}  # its catch-up is the shortest
         budget, seqs, work = sched.prefill_budget, [], []
         for s in sorted(candidates, key=lambda s: s is not first_long):  # stable: in admission order
             if s is first_long:
@@ -145,7 +147,11 @@ class Scheduler:
                 continue  # one long prompt per tick
             else:
                 allowance = budget
-            w, used = s.work(allowance, *caps.get(s.target, (None, None))) if s.plan.adaptive else s.work(allowance)
+            if s.plan.adaptive and s.target in caps:
+                k, k_one, thresholds = caps[s.target]
+                w, used = s.work(allowance, k_one if probe.get(s.target) is s else k, thresholds)
+            else:
+                w, used = s.work(allowance)
             if w is not None:
                 seqs.append(s)
                 work.append(w)

@@ -313,8 +313,15 @@ class Verifier(Worker):
             self.batch_sizes.append(len(items))
         t0 = time.perf_counter()
         n_tokens = sum(len(rs) * max(map(len, rs)) for _, _, rs in groups)  # padded: what the forward computes
-        batch = lm.packed([(sl, st, [len(r) for r in rs]) for sl, st, rs in groups])
-        h = lm.run_layers(lm.embed(pack_tokens([rs for _, _, rs in groups], lm.first_device)), batch)  # [1, N, d]
+        if lm.static and not fill and len(dec) == 1 and lm.static.eligible(groups[0][0], groups[0][2]):
+            # the bucketed static forward (a CUDA graph on GPU): one group of rows in slots 0..B-1
+            h = lm.static.run(groups[0][1], groups[0][2])  # [B, T, d]
+            layout = [(0, h.shape[1])]
+            h = h.reshape(1, -1, h.shape[-1])
+        else:
+            batch = lm.packed([(sl, st, [len(r) for r in rs]) for sl, st, rs in groups])
+            h = lm.run_layers(lm.embed(pack_tokens([rs for _, _, rs in groups], lm.first_device)), batch)  # [1, N, d]
+            layout = [(grp.start, grp.width) for grp in batch.groups[len(groups) - len(dec):]]
         for it in chunks:
             self.table.tokens[it.seq_id] = list(it.tokens)
         if not items:
@@ -322,9 +329,9 @@ class Verifier(Worker):
             return []
         # logits only where they are needed: the last k+1 positions of each decode row
         at = {}
-        for grp, g in zip(batch.groups[len(groups) - len(dec):], dec):
+        for (start, width), g in zip(layout, dec):
             for r, i in enumerate(g):
-                end = grp.start + r * grp.width + len(rows[i])
+                end = start + r * width + len(rows[i])
                 at[i] = torch.arange(end - len(items[i].drafts) - 1, end)
         logits = lm.logits(h[0, torch.cat([at[i] for i in range(len(items))]).to(h.device)])  # [sum(k+1), V]
         self._observe("verify" if not fill else "verify+prefill", len(items), n_tokens, time.perf_counter() - t0)

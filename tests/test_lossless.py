@@ -55,6 +55,19 @@ def test_greedy_equals_target_batched_two_targets(engine, hf_greedy, mode):
         assert res["token_ids"] == hf_greedy[r.target, r.prompt], (mode, r.target, r.prompt)
 
 
+@pytest.mark.parametrize("mode", ["s2d", "ar"])
+def test_greedy_equals_target_through_the_static_shape_forward(family, hf_greedy, mode):
+    """The targets' bucketed static-shape forward (s2d/graphs.py: what CUDA captures as graphs), run
+    eagerly on CPU: padded rows and keys, slots 0..B-1, batches of 1 to 8 as requests come and go."""
+    eng = Engine.from_config(make_config(family, static_forward="on"))
+    reqs = requests(mode, prompts=PROMPTS[:24])
+    for r, res in zip(reqs, eng.generate(reqs)):
+        assert res["token_ids"] == hf_greedy[r.target, r.prompt], (mode, r.target, r.prompt)
+    static = [v.lm.static for v in eng.verifiers.values()]
+    assert all(s.replays > 0 for s in static)
+    assert mode == "ar" or len({k for s in static for k in s.shapes}) > 1  # drafts of several widths
+
+
 def test_greedy_equals_target_batch_one(engine, hf_greedy):
     for r in requests("s2d", prompts=PROMPTS[:12]):
         assert engine.generate([r])[0]["token_ids"] == hf_greedy[r.target, r.prompt]

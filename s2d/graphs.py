@@ -1,0 +1,112 @@
+"""Target decode and verify forwards at bucketed static shapes: the unit a CUDA graph captures.
+
+A forward of B rows of T tokens whose slots are 0..B-1 (compaction keeps a target's live slots
+there) runs as rows padded to a power of two, keys padded to a power of two of KEY_BUCKET. The
+padding rows write only the cache's scratch position and attend to key 0; their outputs are
+dropped. Every input lives in a static buffer per shape, so on CUDA each shape is captured once
+as a torch.cuda.CUDAGraph and replayed (one launch instead of a few hundred kernels); on CPU, and
+wherever capture is off, the same function runs eagerly from the same buffers, so the CPU tests
+exercise this path. The layers run in the graph; the LM head runs eagerly on the rows needed."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from s2d.model import KEY_BUCKET, Batch, CausalLM, Group
+
+MAX_WIDTH = 16  # tokens per row a static forward takes (verify of up to 15 drafts)
+
+
+def pow2_at_least(n: int, floor: int = 1) -> int:
+    b = floor
+    while b < n:
+        b *= 2
+    return b
+
+
+@dataclass
+class Shape:
+    """The static buffers (and, on CUDA, the graph) of one (rows, width, keys) bucket."""
+
+    tokens: torch.Tensor  # [R, T]
+    batch: Batch
+    out: torch.Tensor | None = None  # [R, T, d] the layers' output
+    graph: object = None
+
+
+class StaticForward:
+    def __init__(self, lm: CausalLM, capture: bool | None = None):
+        self.lm = lm
+        dev = torch.device(lm.first_device)
+        self.capture = (dev.type == "cuda") if capture is None else capture
+        self.shapes: dict[tuple[int, int, int], Shape] = {}
+        self.pool = torch.cuda.graph_pool_handle() if self.capture else None
+        self.replays = 0  # forwards served by this path (stats, tests)
+
+    def eligible(self, slots: list[int], rows: list[list[int]]) -> bool:
+        lm = self.lm
+        return (lm.first_device == lm.last_device and len(set(lm.layer_devices)) == 1
+                and slots == list(range(len(slots))) and max(map(len, rows)) <= MAX_WIDTH)
+
+    def _shape(self, R: int, T: int, n_keys: int) -> Shape:
+        key = (R, T, n_keys)
+        if key not in self.shapes:
+            lm, dev = self.lm, self.lm.first_device
+            z = torch.zeros(R, T, dtype=torch.long, device=dev)
+            group = Group(0, R, T, torch.arange(R, device=dev), torch.zeros(R, 1, T, n_keys, dtype=torch.bool, device=dev),
+                          n_keys, 0)
+            self.shapes[key] = Shape(z.clone(), Batch(z.clone(), z.clone(), z.clone(), [group], [T] * R))
+        return self.shapes[key]
+
+    def _fill(self, s: Shape, starts: list[int], rows: list[list[int]]):
+        """Copy one forward's tokens, positions, cache rows and mask into the shape's buffers."""
+        lm = self.lm
+        R, T = s.tokens.shape
+        n_keys = s.batch.groups[0].n_keys
+        B = len(rows)
+        st = torch.tensor(starts + [0] * (R - B))
+        cnt = torch.tensor([len(r) for r in rows] + [0] * (R - B))
+        pos = st[:, None] + torch.arange(T)
+        real = torch.arange(T)[None, :] < cnt[:, None]
+        keys = torch.arange(n_keys)
+        mask = keys[None, None, :] <= pos[:, :, None]
+        if lm.window:
+            mask &= keys[None, None, :] > pos[:, :, None] - lm.window
+        mask[B:] = keys[None, None, :] == 0  # padding rows: one key, so attention stays finite
+        flat = [t for r in rows for t in r + [0] * (T - len(r))] + [0] * ((R - B) * T)
+        s.tokens.copy_(torch.tensor(flat).view(R, T), non_blocking=True)
+        s.batch.pos.copy_(pos.clamp(max=lm.max_len - 1), non_blocking=True)
+        s.batch.write_pos.copy_(torch.where(real, pos, torch.full_like(pos, lm.max_len)), non_blocking=True)
+        s.batch.tok_slots.copy_(torch.arange(R)[:, None].expand(R, T), non_blocking=True)
+        s.batch.groups[0].mask.copy_(mask[:, None], non_blocking=True)
+
+    def _layers(self, s: Shape) -> torch.Tensor:
+        return self.lm.run_layers(self.lm.embed(s.tokens), s.batch)
+
+    def run(self, starts: list[int], rows: list[list[int]]) -> torch.Tensor:
+        """The layers' output [B, T, d] for rows[b] written at starts[b] of slot b."""
+        lm = self.lm
+        B, T = len(rows), max(map(len, rows))
+        end = max(st + len(r) for st, r in zip(starts, rows))
+        if end > lm.max_len:
+            raise ValueError(f"sequence needs {end} positions, past the KV cache's {lm.max_len}")
+        R = min(pow2_at_least(B), lm.n_slots)
+        n_keys = min(pow2_at_least(end, KEY_BUCKET), lm.max_len + 1)
+        s = self._shape(R, T, n_keys)
+        self._fill(s, starts, rows)
+        self.replays += 1
+        if not self.capture:
+            return self._layers(s)[:B]
+        if s.graph is None:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):  # warm-up before capture (allocator, lazy init)
+                    self._layers(s)
+            torch.cuda.current_stream().wait_stream(side)
+            s.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(s.graph, pool=self.pool):
+                s.out = self._layers(s)
+        s.graph.replay()
+        return s.out[:B]
