@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 
 DECAY = 0.98  # per observation: old traffic fades, so the policy follows a change of load or content
 BINS = 10  # confidence bins per exit
-EXPLORE_EVERY = 16  # ticks between drafts with a neighbouring k (for costs and acceptance) ...
-EXPLORE_OFF_MAX = 512  # ... and, while speculation stays off, up to this many (the gap doubles: a probe
-#                        then pays the draft's catch-up on every token it missed)
+EXPLORE_EVERY = 16  # ticks between rounds with a neighbouring k while speculation is on
+OFF_BUDGET = 0.02  # while it is off, probes may cost this share of the time: a probe pays the draft's
+#                    catch-up on every token the probing row missed, so they come rarer as that grows
 PROBE_EVERY = 8  # ticks: one in this many drafts through every exit (for the thresholds)
 REDECIDE = 8  # ticks a choice of k stands (at the same load)
 MIN_ROUNDS = 8.0  # decayed rounds of acceptance before the policy trusts its estimates
@@ -141,8 +141,8 @@ class Load:
 
     k: int
     decided_at: int = -(1 << 30)
-    gap: int = EXPLORE_EVERY
     next_explore: int = EXPLORE_EVERY
+    credit: float = 0.0  # seconds of probing earned while speculation is off
 
 
 class TargetPolicy:
@@ -161,11 +161,12 @@ class TargetPolicy:
         self.rate = 0.0  # tokens per second per row of the last choice (for the threshold rule)
 
     # -- how far to draft ------------------------------------------------------------------------
-    def round_cost(self, costs: StepCosts, rows: int, draft_rows: int, k: int, overhead: float) -> float | None:
+    def round_cost(self, costs: StepCosts, rows: int, draft_rows: int, k: int) -> float | None:
         """Seconds of a round with at most k drafts: the verify forward, the draft's steps (each one
         token for every drafting row, exit decisions and sampling included) and the draft call's
-        fixed part, and the engine's own work."""
+        fixed part, and the engine's own work (which drafting adds to: proposals to route, traces)."""
         verify = costs.predict(f"verify:{self.target}", rows, k + 1)
+        overhead = costs.predict("engine", rows, 2 if k else 1) or 0.0
         if verify is None or k == 0:
             return None if verify is None else verify + overhead
         step, fixed = costs.predict("draft_step", draft_rows), costs.predict("draft_call", draft_rows)
@@ -173,11 +174,13 @@ class TargetPolicy:
             return None
         return verify + self.acc.expected(k)[1] * step + fixed + overhead
 
-    def choose_k(self, costs: StepCosts, rows: int, draft_rows: int, overhead: float = 0.0) -> tuple[int, int]:
+    def choose_k(self, costs: StepCosts, rows: int, draft_rows: int, missed: int = 0) -> tuple[int, int]:
         """(the cap on drafts for this target's `rows` decode rows this tick, the cap for one of
-        them): the draft batch holds `draft_rows` rows of every target. Each load (batch buckets)
-        keeps its own choice, made again every REDECIDE ticks, and now and then one row, or all
-        rows while speculation is on, tries a neighbouring k."""
+        them): the draft batch holds `draft_rows` rows of every target; `missed` is how many tokens
+        the draft lacks of the row that would probe. Each load (batch buckets) keeps its own choice,
+        made again every REDECIDE ticks. While speculation is on, all rows try a neighbouring k every
+        EXPLORE_EVERY ticks; while it is off, one row tries k = 1 whenever the time saved by not
+        drafting has paid OFF_BUDGET of the probe's cost (its catch-up included)."""
         self.ticks += 1
         if self.acc.rounds < MIN_ROUNDS:
             return self.k_max, self.k_max  # learn acceptance first
@@ -186,20 +189,26 @@ class TargetPolicy:
         if load is None:
             load = self.loads[key] = Load(self.last_k, next_explore=self.ticks + EXPLORE_EVERY // 2)
         if self.ticks >= load.decided_at + REDECIDE:
-            load.k, load.decided_at = self._best_k(costs, rows, draft_rows, overhead), self.ticks
+            load.k, load.decided_at = self._best_k(costs, rows, draft_rows), self.ticks
         self.last_k = load.k
+        if load.k == 0:
+            load.credit += OFF_BUDGET * (self.round_cost(costs, rows, draft_rows, 0) or 0.0)
+            probe = self.round_cost(costs, 1, 1, 1) or 0.0
+            probe += missed * (costs.predict("draft_prefill", 1) or 0.0)
+            if load.credit < probe:
+                return 0, 0
+            load.credit = 0.0
+            return 0, 1
         if self.ticks < load.next_explore:
             return load.k, load.k
-        load.gap = min(2 * load.gap, EXPLORE_OFF_MAX) if load.k == 0 else EXPLORE_EVERY
-        load.next_explore = self.ticks + load.gap
+        load.next_explore = self.ticks + EXPLORE_EVERY
         probe = load.k + 1 if load.k < self.k_max else load.k - 1
-        # off: one row probes, so only its draft catch-up is paid; on: all rows, to measure the batch
-        return (0, probe) if load.k == 0 else (probe, probe)
+        return probe, probe
 
-    def _best_k(self, costs: StepCosts, rows: int, draft_rows: int, overhead: float) -> int:
+    def _best_k(self, costs: StepCosts, rows: int, draft_rows: int) -> int:
         best, best_rate = 0, -1.0
         for k in range(self.k_max + 1):
-            cost = self.round_cost(costs, rows, max(draft_rows, rows), k, overhead)
+            cost = self.round_cost(costs, rows, max(draft_rows, rows), k)
             if cost is None:  # a cost never measured: measure it
                 return k
             rate = self.acc.expected(k)[0] / cost
@@ -273,7 +282,6 @@ class DraftPolicy:
         self.exits, self.mode, self.online = exits, mode, online_thresholds
         self.costs = costs or StepCosts()
         self.targets = {t: self._new(t, p) for t, p in profiles.items()}
-        self.overhead = 0.0  # seconds per tick of the engine's own work, moving average
         self.ticks = 0
 
     def _new(self, target: str, profile) -> TargetPolicy:
@@ -282,13 +290,14 @@ class DraftPolicy:
     def reset(self, target: str, profile):
         self.targets[target] = self._new(target, profile)
 
-    def caps(self, rows: dict[str, int], draft_rows: int) -> dict[str, tuple[int, int, list[float]]]:
-        """Per target with decode rows this tick: (the cap on drafts, the cap for one probing row,
-        the exit thresholds)."""
+    def caps(self, rows: dict[str, int], draft_rows: int, missed: dict[str, int]
+             ) -> dict[str, tuple[int, int, list[float]]]:
+        """Per target with decode rows this tick: (the cap on drafts, the cap for the probing row,
+        the exit thresholds); `missed`: per target, the tokens the draft lacks of that row."""
         if self.mode == "static":
             return {}
-        return {t: (*self.targets[t].choose_k(self.costs, n, draft_rows, self.overhead), self.targets[t].thresholds())
-                for t, n in rows.items() if n}
+        return {t: (*self.targets[t].choose_k(self.costs, n, draft_rows, missed.get(t, 0)),
+                    self.targets[t].thresholds()) for t, n in rows.items() if n}
 
     def record(self, target: str, k: int, outcome):
         if self.mode != "static":
@@ -305,14 +314,14 @@ class DraftPolicy:
         for f in drafting:
             if f.what.startswith("draft"):
                 self.costs.observe(f.what, f.rows, 1, f.seconds)
+            elif f.what == "prefill":  # the draft catching up: per token
+                self.costs.observe("draft_prefill", 1, 1, f.seconds / max(f.tokens, 1))
         draft_s = verified[0].draft_busy_s if verified else 0.0
         if steps:  # what a draft call costs besides its steps (syncing tokens, catching up, prefill)
             self.costs.observe("draft_call", steps[0].rows, 1, max(draft_s - sum(f.seconds for f in steps), 0.0))
         verify_s = sum(f.seconds for v in verified for f in v.forwards)
-        if self.costs.frozen:  # pinned costs pin the engine's own time too (deterministic tests)
-            self.overhead = self.costs.cells.get(("engine", 1, 1), 0.0)
-        else:
-            self.overhead += 0.1 * (max(wall_s - draft_s - verify_s, 0.0) - self.overhead)
+        rows = sum(len(v.outcomes) for v in verified)  # the engine's own work: 1 wide without drafting, 2 with
+        self.costs.observe("engine", rows, 2 if steps else 1, max(wall_s - draft_s - verify_s, 0.0))
         self.ticks += 1
         if self.mode != "static" and self.ticks % self.UPDATE_EVERY == 0:
             for p in self.targets.values():
@@ -322,3 +331,20 @@ class DraftPolicy:
         """What the policy believes now, per target (stats, benchmarks)."""
         return {t: {"k": p.last_k, "thresholds": [round(x, 3) for x in p.current],
                     "mat_at_k": round(p.acc.expected(p.last_k)[0], 3)} for t, p in self.targets.items()}
+
+
+
+def modelled_tokens_per_s(results: list[dict], costs: StepCosts, target: str, exits: list[int]) -> float:
+    """Goodput of finished requests under pinned costs (what-if analysis, tests): each round's
+    verify at its mean width plus the engine's time, and each drafted token's segments (a token
+    that exited at exits[i] ran segments 0..i)."""
+    engine = costs.cells.get(("engine", 1, 1), 0.0)
+    tokens = seconds = 0.0
+    for r in results:
+        st = r["stats"]
+        rounds = max(st["target_forwards"], 1)
+        seconds += rounds * (costs.predict(f"verify:{target}", 1, 1 + round(st["drafted"] / rounds)) + engine)
+        for depth, n in st["exit_histogram"].items():
+            seconds += n * sum(costs.predict(f"draft:{s}", 1) for s in range(exits.index(int(depth)) + 1))
+        tokens += len(r["token_ids"])
+    return tokens / seconds

@@ -136,9 +136,12 @@ class Scheduler:
         rows = {t: 0 for t in self.target_slots}
         for s in candidates:
             rows[s.target] += 1
-        caps = self.policy.caps(rows, sum(s.plan.k_max > 0 for s in candidates))
-        probe = {t: min((s for s in candidates if s.target == t and s.plan.adaptive), key=lambda s: len(s.tokens),
-                        default=None) for t, (k, k_one, _) in caps.items() if k_one != k}  # its catch-up is the shortest
+        probe = {}  # per target, the row whose draft cache lags least: it probes when the policy asks one row
+        for s in candidates:
+            if s.plan.adaptive and (s.target not in probe or s.missed < probe[s.target].missed):
+                probe[s.target] = s
+        caps = self.policy.caps(rows, sum(s.plan.k_max > 0 for s in candidates),
+                                {t: s.missed for t, s in probe.items()})
         budget, seqs, work = sched.prefill_budget, [], []
         for s in sorted(candidates, key=lambda s: s is not first_long):  # stable: in admission order
             if s is first_long:

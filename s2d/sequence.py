@@ -115,6 +115,7 @@ class Sequence:
         self.seed = params.seed if params.seed is not None else random.getrandbits(62)
         self.round = 0
         self.drafting_k = 0  # the cap on drafts of the work in flight
+        self.drafted_upto = 0  # the draft has seen tokens[:drafted_upto] (it never sees work with k = 0)
         self.stats = SpecStats()
         self.detok = Detokenizer(tokenizer, self.out)
         self.text = self.detok.text
@@ -125,6 +126,11 @@ class Sequence:
     @property
     def tokens(self) -> list[int]:
         return self.prompt_ids + self.out
+
+    @property
+    def missed(self) -> int:
+        """Tokens the draft would have to catch up on before drafting for this sequence."""
+        return len(self.prompt_ids) + len(self.out) - self.drafted_upto
 
     @property
     def pending(self) -> int:
@@ -151,6 +157,8 @@ class Sequence:
         w = Work(self.seq_id, self.target, self.synced, tokens[self.synced:end], k, thresholds or self.plan.thresholds,
                  self.plan.stop_threshold, self.params, self.seed * 1_000_003 + 2 * self.round, decode=not chunk)
         self.drafting_k = k
+        if k:
+            self.drafted_upto = end
         self.synced, self.cached_drafts = end, 0
         return w, budget if chunk else pending
 

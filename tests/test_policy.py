@@ -11,7 +11,7 @@ import pytest
 from s2d.bench import heldout_code
 from s2d.config import Profile, SamplingParams, load_config
 from s2d.engine import Engine, Request
-from s2d.policy import StepCosts, TargetPolicy
+from s2d.policy import StepCosts, TargetPolicy, modelled_tokens_per_s
 
 MS = 1e-3
 EXITS = [1, 2, 3]
@@ -59,20 +59,6 @@ PINNED |= {("draft_step", 1, 1): 0.4 * MS, ("draft_call", 1, 1): 0.1 * MS, ("eng
 PINNED |= {(f"draft:{s}", 1, 1): 0.3 * MS for s in range(3)}
 
 
-def modelled_tokens_per_s(results: list[dict]) -> float:
-    """Goodput under the pinned costs: each round's verify and engine time, each drafted token's
-    segments (an exit at depth d ran d segments)."""
-    tokens = seconds = 0.0
-    for r in results:
-        st = r["stats"]
-        rounds = st["target_forwards"]
-        width = 1 + round(st["drafted"] / max(rounds, 1))
-        seconds += rounds * (PINNED["verify:demo-l", 1, min(width, 6)] + 0.3 * MS)
-        seconds += sum(int(d) * n * 0.3 * MS for d, n in st["exit_histogram"].items())
-        tokens += len(r["token_ids"])
-    return tokens / seconds
-
-
 @pytest.fixture(scope="module")
 def demo():
     return Engine.from_config(load_config("demo"))
@@ -89,4 +75,6 @@ def test_online_thresholds_converge_from_a_bad_profile(demo, start):
     results = [demo.generate([Request(target="demo-l", prompt=p, params=SamplingParams(max_tokens=48, ignore_eos=True))])[0]
                for p in prompts]
     assert 0.1 <= policy.current[0] <= 0.8 and policy.current[1] <= 0.5, policy.current
-    assert modelled_tokens_per_s(results[-6:]) > 1.05 * modelled_tokens_per_s(results[:3])
+    goodput = [modelled_tokens_per_s(part, demo.scheduler.policy.costs, "demo-l", demo.exits)
+               for part in (results[:3], results[-6:])]
+    assert goodput[1] > 1.05 * goodput[0]
