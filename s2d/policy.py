@@ -29,6 +29,7 @@ OFF_BUDGET = 0.02  # while it is off, probes may cost this share of the time: a 
 PROBE_EVERY = 8  # ticks: one in this many drafts through every exit (for the thresholds)
 REDECIDE = 8  # ticks a choice of k stands (at the same load)
 MIN_ROUNDS = 8.0  # decayed rounds of acceptance before the policy trusts its estimates
+LEARN_K = 2  # drafts per round while it learns
 MIN_BIN = 6.0  # decayed samples in a confidence bin before its rule counts
 PRIOR_SLOPE = 0.05  # extra tokens per row, as a fraction of a 1-token forward, before one is measured
 
@@ -182,8 +183,8 @@ class TargetPolicy:
         EXPLORE_EVERY ticks; while it is off, one row tries k = 1 whenever the time saved by not
         drafting has paid OFF_BUDGET of the probe's cost (its catch-up included)."""
         self.ticks += 1
-        if self.acc.rounds < MIN_ROUNDS:
-            return self.k_max, self.k_max  # learn acceptance first
+        if self.acc.rounds < MIN_ROUNDS:  # learn acceptance first, cheaply: deeper k is tried later, a step at a time
+            return min(LEARN_K, self.k_max), min(LEARN_K, self.k_max)
         key = (bucket(rows), bucket(draft_rows))
         load = self.loads.get(key)
         if load is None:
@@ -298,6 +299,10 @@ class DraftPolicy:
             return {}
         return {t: (*self.targets[t].choose_k(self.costs, n, draft_rows, missed.get(t, 0)),
                     self.targets[t].thresholds()) for t, n in rows.items() if n}
+
+    def drafts(self, target: str) -> bool:
+        """Whether the target's s2d requests draft at present (the scheduler splits cohorts only then)."""
+        return self.mode == "static" or self.targets[target].last_k > 0
 
     def record(self, target: str, k: int, outcome):
         if self.mode != "static":

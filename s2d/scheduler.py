@@ -103,7 +103,8 @@ class Scheduler:
         self._admit()
         # Cohorts alternate only while some sequence drafts: without draft work there is nothing
         # to overlap, and splitting would only halve the targets' batches.
-        split = self.pipeline and any(s.plan.k_max > 0 for s in self.running.values())
+        split = self.pipeline and any(s.plan.k_max > 0 and (not s.plan.adaptive or self.policy.drafts(s.target))
+                                      for s in self.running.values())
         busy = {c for c, _, _ in self.inflight}
         flying = {s.seq_id for _, _, seqs in self.inflight for s in seqs}
         for c in (0, 1) if split else (0,):
