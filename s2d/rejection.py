@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from s2d.sampling import sample
+from s2d.sampling import draw, sample
 
 
 def verify_greedy(drafts: list[int], target_logits: torch.Tensor) -> list[int]:
@@ -104,12 +104,12 @@ def _sample_rows(drafts, q, p, gens, dev) -> list[torch.Tensor]:
         k_of = torch.tensor(ks, device=dev)[rows]
         # the first rejected position of each row, or k where every draft was accepted
         n_acc.scatter_reduce_(0, rows, torch.where(u > ratio, pos, k_of), "amin", include_self=False)
-    last, ok = [], []
+    dists, ok = [], []
     for j in range(S):
         n, k, pj = n_acc[j], ks[j], p[j]
         good = torch.isfinite(pj).all()
         dist = pj[n] if k == 0 else torch.where(n < k, residual(pj[n], q[j].to(dev)[n.clamp(max=k - 1)]), pj[n])
-        dist = torch.where(good, dist, torch.ones_like(dist))  # multinomial cannot take NaN; the row fails
-        last.append(torch.multinomial(dist, 1, generator=gens[j]))
+        dists.append(torch.where(good, dist, torch.ones_like(dist)))  # a NaN row draws from a stand-in; it fails
         ok.append(good.long()[None])
-    return [n_acc, torch.cat(last), torch.cat(ok)]
+    u = torch.cat([torch.rand(1, generator=g, device=dev) for g in gens])  # each row's own generator
+    return [n_acc, draw(torch.stack(dists), u), torch.cat(ok)]

@@ -17,7 +17,7 @@ from s2d.config import SamplingParams
 from s2d.draft import SortedDraft
 from s2d.model import KEY_BUCKET, CausalLM, pack_tokens
 from s2d.rejection import verify_batch
-from s2d.sampling import generator, probs_from_logits, sample
+from s2d.sampling import draw, generator, probs_from_logits
 
 
 SPLIT_KEYS = 4  # decode rows attend in two groups past this ratio of context lengths (split_by_keys)
@@ -247,12 +247,12 @@ class Proposer(Worker):
                     self._fail_draft(items[i], out[i], f"{type(e).__name__}: {e}")
                     continue
                 ok = torch.isfinite(q).all()
-                tok = torch.multinomial(torch.where(ok, q, torch.ones_like(q)), 1, generator=gens[i])[0]  # NaN-safe
-                draws[i] = torch.stack((tok, ok.long()))
+                draws[i] = (torch.where(ok, q, torch.ones_like(q)), ok, torch.rand(1, generator=gens[i], device=q.device))
                 qs[i].append(q)
         if not draws:
             return {}
-        host = torch.stack(list(draws.values())).tolist()
+        dist, ok, u = (torch.stack([d[j] for d in draws.values()]) for j in range(3))  # [S, V], [S], [S, 1]
+        host = torch.stack((draw(dist, u[:, 0]), ok.long()), 1).tolist()  # one copy for every sampled row
         drawn = {}
         for i, (tok, ok) in zip(draws, host):
             if ok:

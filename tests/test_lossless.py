@@ -125,7 +125,8 @@ def test_long_accepted_runs_are_not_charged_as_prefill(family):
     decoding sequences are never queued as long prompts (a round's accepted drafts once counted as
     unseen tokens, and all but one sequence starved). Every request finishes, with the target's output."""
     cfg = make_config(family, draft="full-draft", targets=("small",), profile={"thresholds": [0.5, 0.0], "k_max": 16})
-    cfg.scheduling = cfg.scheduling.model_validate({"prefill_budget": 64, "long_prompt": 16, "long_chunk": 8})
+    cfg.scheduling = cfg.scheduling.model_validate({"prefill_budget": 64, "long_prompt": 16, "long_chunk": 8,
+                                                    "draft_policy": "static"})  # k = 16 every round
     eng = Engine.from_config(cfg)
     reqs = [Request(target="small", prompt=p, params=greedy(64, ignore_eos=True)) for p in PROMPTS[10:14]]
     seqs = [eng.scheduler.add(r) for r in reqs]
