@@ -11,9 +11,10 @@ speculation) and at which exits, from measured step costs and the target's live 
   Exiting early at a confidence pays when the acceptance it loses, weighted by the tokens riding on
   it (MAT), costs less than what the saved segment buys at the current rate.
 
-Both explore a little (a fraction of ticks drafts with other k, or through every exit), so
-estimates stay live where the policy is not looking. Drafts from any k and exit are verified by the
-target, so every choice is lossless; the policy only changes speed."""
+Both explore a little, so estimates stay live where the policy is not looking: while drafting,
+all rows try a neighbouring k now and then, and one tick in PROBE_EVERY drafts through every exit;
+while speculation is off, one row tries k = 1 within a time budget (OFF_BUDGET). Drafts from any
+k and exit are verified by the target, so every choice is lossless; the policy only changes speed."""
 from __future__ import annotations
 
 import math
@@ -96,26 +97,19 @@ class StepCosts:
 @dataclass
 class Acceptance:
     """Decayed counts per draft position i: rounds whose cap allowed a draft there, drafts offered
-    there, drafts accepted there (all before it accepted too), and, per exit, drafts that reached it."""
+    there, and drafts accepted there (all before it accepted too)."""
 
     capped: list[float] = field(default_factory=list)
     offered: list[float] = field(default_factory=list)
     accepted: list[float] = field(default_factory=list)
-    reach: list[float] = field(default_factory=list)  # per segment: drafted tokens that ran through it
-    drafted: float = 0.0
 
-    def record(self, k: int, drafts: int, accepted: int, segments: list[int], n_exits: int):
+    def record(self, k: int, drafts: int, accepted: int):
         for arr in (self.capped, self.offered, self.accepted):
             arr[:] = [x * DECAY for x in arr] + [0.0] * max(0, k - len(arr))
-        self.reach[:] = [x * DECAY for x in self.reach] + [0.0] * max(0, n_exits - len(self.reach))
-        self.drafted = self.drafted * DECAY + drafts
         for i in range(k):
             self.capped[i] += 1
             self.offered[i] += i < drafts
             self.accepted[i] += i < accepted
-        for depth in segments:  # segments each draft went through
-            for s in range(depth):
-                self.reach[s] += 1
 
     def expected(self, k: int) -> tuple[float, float]:
         """(tokens a round emits, drafts it makes) with at most k drafts."""
@@ -126,10 +120,6 @@ class Acceptance:
             tokens += self.accepted[i] / self.capped[i]
             drafts += self.offered[i] / self.capped[i]
         return tokens, drafts
-
-    def segments_per_draft(self) -> list[float]:
-        """Per segment, the fraction of drafted tokens that run through it."""
-        return [r / self.drafted if self.drafted else 1.0 for r in self.reach]
 
     @property
     def rounds(self) -> float:
@@ -225,13 +215,12 @@ class TargetPolicy:
             return [2.0] * (len(self.exits) - 1) + [0.0]
         return self.current
 
-    def record(self, k: int, drafts: list[int], exits: list[int], trace: list[list[tuple[float, int]]],
-               tokens: list[int], accepted: int):
-        """One round of a sequence: its cap, drafts and their exits, each draft's (confidence,
-        argmax) at the exits it passed, and what the target emitted."""
+    def record(self, k: int, drafts: int, trace: list[list[tuple[float, int]]], tokens: list[int], accepted: int):
+        """One round of a sequence: its cap, how many it drafted, each draft's (confidence, argmax)
+        at the exits it passed, and what the target emitted."""
         if k <= 0:
             return
-        self.acc.record(k, len(drafts), accepted, [len(t) for t in trace], len(self.exits))
+        self.acc.record(k, drafts, accepted)
         for i, passed in enumerate(trace[: accepted + 1]):  # positions the target verified
             if i >= len(tokens):
                 break
@@ -306,7 +295,7 @@ class DraftPolicy:
 
     def record(self, target: str, k: int, outcome):
         if self.mode != "static":
-            self.targets[target].record(k, outcome.drafts, outcome.exits, outcome.trace, outcome.tokens, outcome.accepted)
+            self.targets[target].record(k, len(outcome.drafts), outcome.trace, outcome.tokens, outcome.accepted)
 
     def observe(self, verified: list, wall_s: float, draft_rows: int):
         """A finished tick: its forwards' measured seconds, and the engine's own time around them."""

@@ -31,7 +31,7 @@ def trained(acceptance: float = 0.8, k: int = 5) -> TargetPolicy:
         accepted = 0
         while accepted < k and (r * 7 + accepted * 3) % 10 < 10 * acceptance:
             accepted += 1
-        p.record(k, [1] * k, [1] * k, [[(0.9, 1)]] * k, [1] * (accepted + 1), accepted)
+        p.record(k, k, [[(0.9, 1)]] * k, [1] * (accepted + 1), accepted)
     return p
 
 
