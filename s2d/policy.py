@@ -87,7 +87,7 @@ class StepCosts:
         for (m, bb, w), c in self.cells.items():
             if m == model:
                 by_bucket[bb][w] = c
-        known = [bb for bb, cs in by_bucket.items() if len(cs) > 1]
+        known = [bb for bb, cs in by_bucket.items() if len(cs) > 1 and cs[min(cs)] > 0]
         if not known:
             return PRIOR_SLOPE
         cs = by_bucket[min(known, key=lambda bb: abs(math.log2(bb / b)))]
@@ -202,7 +202,7 @@ class TargetPolicy:
             cost = self.round_cost(costs, rows, max(draft_rows, rows), k)
             if cost is None:  # a cost never measured: measure it
                 return k
-            rate = self.acc.expected(k)[0] / cost
+            rate = self.acc.expected(k)[0] / max(cost, 1e-9)
             if rate > best_rate:
                 best, best_rate = k, rate
         self.rate = best_rate

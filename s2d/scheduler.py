@@ -123,7 +123,7 @@ class Scheduler:
         if verified:
             wall = time.perf_counter() - t0
             self.breakdown.add(wall, verified[0].draft_forward_s, sum(v.forward_s for v in verified))
-            self.policy.observe(verified, wall, sum(s.drafting_k > 0 for s in seqs))
+            self._policy(self.policy.observe, verified, wall, sum(s.drafting_k > 0 for s in seqs))
         return deltas
 
     def _plan(self, candidates: list[Sequence]) -> tuple[list[Sequence], list]:
@@ -141,8 +141,8 @@ class Scheduler:
         for s in candidates:
             if s.plan.adaptive and (s.target not in probe or s.missed < probe[s.target].missed):
                 probe[s.target] = s
-        caps = self.policy.caps(rows, sum(s.plan.k_max > 0 for s in candidates),
-                                {t: s.missed for t, s in probe.items()})
+        caps = self._policy(self.policy.caps, rows, sum(s.plan.k_max > 0 for s in candidates),
+                            {t: s.missed for t, s in probe.items()}) or {}
         budget, seqs, work = sched.prefill_budget, [], []
         for s in sorted(candidates, key=lambda s: s is not first_long):  # stable: in admission order
             if s is first_long:
@@ -162,6 +162,15 @@ class Scheduler:
                 budget -= used
         return seqs, work
 
+    def _policy(self, fn, *args):
+        """A call into the draft policy. The policy only tunes speed, so an error in it must not fail
+        a tick: it is logged and this tick runs with the profiles as configured."""
+        try:
+            return fn(*args)
+        except Exception:  # noqa: BLE001
+            log.exception("the draft policy failed; this tick runs with the configured profiles")
+            return None
+
     def drop_inflight(self):
         """After a failed tick: forget the ticks in flight (the caller aborts their sequences)."""
         self.inflight.clear()
@@ -175,7 +184,7 @@ class Scheduler:
                 continue
             o = outcomes[s.seq_id]
             if s.plan.adaptive and o.decoded and not o.resync and not o.error:
-                self.policy.record(s.target, s.drafting_k, o)
+                self._policy(self.policy.record, s.target, s.drafting_k, o)
             try:
                 d = s.accept(o)
             except Exception as e:  # noqa: BLE001 - e.g. its detokenization: this request alone fails

@@ -79,3 +79,18 @@ def test_online_thresholds_converge_from_a_bad_profile(demo, start):
     goodput = [modelled_tokens_per_s(part, demo.scheduler.policy.costs, "demo-l", demo.exits)
                for part in (results[:3], results[-6:])]
     assert goodput[1] > 1.05 * goodput[0]
+
+
+def test_costs_measured_as_zero_do_not_break_the_policy():
+    """Pipelined ticks overlap, so the engine's own time of a tick can measure 0: every prediction
+    from such cells stays finite, and the choice stays defined."""
+    c = StepCosts()
+    for w in (1, 2):
+        c.observe("engine", 1, w, 0.0)
+    c.observe("engine", 4, 1, 1 * MS)  # one width at 4 rows: its slope is borrowed from the 1-row cells
+    c.observe("verify:t", 1, 1, 4 * MS)
+    c.observe("draft_step", 1, 1, 0.0)
+    c.observe("draft_call", 1, 1, 0.0)
+    assert c.predict("engine", 4, 2) is not None and c.predict("verify:t", 1, 3) > 0
+    k, _ = trained().choose_k(c, 1, 1)
+    assert 0 <= k <= 5
