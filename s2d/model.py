@@ -103,9 +103,10 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=getattr(cfg, "attention_bias", False))
 
     def fuse(self):
-        """One [d, (H + 2 Hkv) D] matrix for q, k and v, stored input-major (x @ W is faster than
-        F.linear for the few-token rows of decode and verify on CPU); the Linear modules keep views
-        of it, so the checkpoint's names and state_dict stay as they were."""
+        """One [d, (H + 2 Hkv) D] matrix for q, k and v (one matmul instead of three: on the small
+        batches of decode and verify, the calls cost more than the arithmetic), stored input-major
+        for x @ W. The Linear modules keep views of it, so the checkpoint's names and state_dict
+        stay as they were."""
         parts = (self.q_proj, self.k_proj, self.v_proj)
         self.w_qkv = torch.cat([p.weight for p in parts]).t().contiguous()
         self.b_qkv = torch.cat([p.bias for p in parts]) if self.q_proj.bias is not None else None
