@@ -52,9 +52,10 @@ class SlotTable:
         self.tokens: dict[str, list[int]] = {}
         self.evicted = 0
 
-    def acquire(self, seq_id: str, pinned: set[str] = frozenset()) -> int:
+    def acquire(self, seq_id: str, pinned: set[str] = frozenset(), on_evict=None) -> int:
         """The sequence's slot. With none free, the least recently used sequence outside `pinned`
-        is evicted: always safe, since its owner resends its tokens and it is rebuilt by prefill."""
+        is evicted: always safe, since its owner resends its tokens and it is rebuilt by prefill.
+        `on_evict(victim, slot)` runs first (a worker clears a slot that held bad numbers)."""
         if seq_id in self.slot:
             self.slot[seq_id] = self.slot.pop(seq_id)  # mark as recently used
             return self.slot[seq_id]
@@ -62,6 +63,8 @@ class SlotTable:
             victim = next((s for s in self.slot if s not in pinned), None)
             if victim is None:
                 raise RuntimeError(f"a batch of {len(pinned)} sequences exceeds the {self.n_slots} KV-cache slots")
+            if on_evict:
+                on_evict(victim, self.slot[victim])
             self.release(victim)
             self.evicted += 1
         self.slot[seq_id] = self.free.pop()
@@ -76,11 +79,11 @@ class SlotTable:
         self.free.append(slot)
         return True
 
-    def compact(self, freed: int) -> tuple[int, int] | None:
+    def compact(self, freed: int) -> tuple[str, int, int] | None:
         """After `freed` was released: move the sequence in the highest live slot above it down into
         it, so live slots stay 0..n-1 and a batch of them reads the cache as a view instead of
-        gathering (copying) every layer's keys and values on every forward. Returns (src, dst) for
-        the caller to move the cached data, or None."""
+        gathering (copying) every layer's keys and values on every forward. Returns (the moved
+        sequence, src, dst) for the caller to move the cached data, or None."""
         if not self.slot:
             return None
         seq, src = max(self.slot.items(), key=lambda kv: kv[1])
@@ -89,7 +92,7 @@ class SlotTable:
         self.free.remove(freed)
         self.slot[seq] = freed
         self.free.append(src)
-        return src, freed
+        return seq, src, freed
 
     def common_prefix(self, seq_id: str, tokens: list[int]) -> int:
         """Length of the cached prefix still valid for `tokens`; at least one token stays uncached

@@ -91,7 +91,7 @@ class StepCosts:
         if not known:
             return PRIOR_SLOPE
         cs = by_bucket[min(known, key=lambda bb: abs(math.log2(bb / b)))]
-        return (cs[max(cs)] / cs[min(cs)] - 1) / (max(cs) - min(cs))
+        return max((cs[max(cs)] / cs[min(cs)] - 1) / (max(cs) - min(cs)), 0.0)  # more tokens never cost less
 
 
 @dataclass

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from s2d.sampling import draw, sample
+from s2d.sampling import draw, exponentials, sample
 
 
 def verify_greedy(drafts: list[int], target_logits: torch.Tensor) -> list[int]:
@@ -106,10 +106,11 @@ def _sample_rows(drafts, q, p, gens, dev) -> list[torch.Tensor]:
         n_acc.scatter_reduce_(0, rows, torch.where(u > ratio, pos, k_of), "amin", include_self=False)
     dists, ok = [], []
     for j in range(S):
-        n, k, pj = n_acc[j], ks[j], p[j]
+        n, k, pj = n_acc[j].view(1), ks[j], p[j]  # index_select with a device index: no host sync
         good = torch.isfinite(pj).all()
-        dist = pj[n] if k == 0 else torch.where(n < k, residual(pj[n], q[j].to(dev)[n.clamp(max=k - 1)]), pj[n])
+        at_n = pj.index_select(0, n)[0]
+        dist = at_n if k == 0 else torch.where(n[0] < k, residual(at_n, q[j].to(dev).index_select(0, n.clamp(max=k - 1))[0]), at_n)
         dists.append(torch.where(good, dist, torch.ones_like(dist)))  # a NaN row draws from a stand-in; it fails
         ok.append(good.long()[None])
-    u = torch.cat([torch.rand(1, generator=g, device=dev) for g in gens])  # each row's own generator
-    return [n_acc, draw(torch.stack(dists), u), torch.cat(ok)]
+    noise = torch.stack([exponentials(p[0].shape[-1], g, dev) for g in gens])  # each row's own generator
+    return [n_acc, draw(torch.stack(dists), noise), torch.cat(ok)]

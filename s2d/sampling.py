@@ -25,18 +25,21 @@ def probs_from_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
 
 
 def sample(probs: torch.Tensor, gen: torch.Generator | None) -> int:
-    """One draw from probs [V] with the generator: the inverse CDF at one uniform (`draw`)."""
-    return int(draw(probs[None], torch.rand(1, generator=gen, device=probs.device))[0])
+    """One draw from probs [V] with the generator (`draw`)."""
+    return int(draw(probs[None], exponentials(probs.shape[-1], gen, probs.device)[None])[0])
 
 
-def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF draws for a batch: probs [S, V] (unnormalised is fine), u [S] uniforms in [0, 1)
-    -> [S] token ids. A zero-probability token is never drawn: the CDF does not rise there, and the
-    first index whose CDF exceeds u * total is taken. One cumsum and one search for all rows,
-    where torch.multinomial costs ~100 us a row on CPU."""
-    cdf = probs.cumsum(-1)  # [S, V]
-    x = (u * cdf[:, -1])[:, None]  # [S, 1]
-    return torch.searchsorted(cdf, x, right=True)[:, 0].clamp_(max=probs.shape[-1] - 1)
+def exponentials(n: int, gen: torch.Generator | None, device) -> torch.Tensor:
+    """[n] Exp(1) noise from one request's generator: its draws stay its own, whatever the batch."""
+    return torch.empty(n, device=device).exponential_(generator=gen)
+
+
+def draw(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Draws for a batch by the exponential race: probs [S, V] (unnormalised is fine), noise [S, V]
+    Exp(1) -> [S] token ids, argmax(p / e), which picks token i with probability p_i / sum(p). A
+    zero-probability token never wins (0 / e = 0), on any device and in any summation order. One
+    division and one argmax for all rows, where torch.multinomial costs ~100 us a row on CPU."""
+    return (probs / noise).argmax(-1)
 
 
 def generator(seed: int, device="cpu") -> torch.Generator:

@@ -17,7 +17,7 @@ from s2d.config import SamplingParams
 from s2d.draft import SortedDraft
 from s2d.model import KEY_BUCKET, CausalLM, pack_tokens
 from s2d.rejection import verify_batch
-from s2d.sampling import draw, generator, probs_from_logits
+from s2d.sampling import draw, exponentials, generator, probs_from_logits
 
 
 SPLIT_KEYS = 4  # decode rows attend in two groups past this ratio of context lengths (split_by_keys)
@@ -113,8 +113,17 @@ class Worker:
             return False
         moved = self.table.compact(slot)
         if moved:
-            self.move_slot(*moved)
+            seq, src, dst = moved
+            self.move_slot(src, dst)
+            if seq in self.failed:  # its bad numbers must not stay behind in a free slot
+                self.clear_slot(src)
         return True
+
+    def _evicted(self, seq_id: str, slot: int):
+        self.known.pop(seq_id, None)
+        if seq_id in self.failed:
+            self.failed.discard(seq_id)
+            self.clear_slot(slot)
 
     def clear_slot(self, slot: int):
         raise NotImplementedError
@@ -133,7 +142,7 @@ class Worker:
         slots, common = [], []
         pinned = {it.seq_id for it in items}
         for it in items:
-            slots.append(self.table.acquire(it.seq_id, pinned))
+            slots.append(self.table.acquire(it.seq_id, pinned, self._evicted))
             common.append(self.table.common_prefix(it.seq_id, it.tokens))
             truncate(slots[-1], common[-1])
         return slots, common
@@ -247,12 +256,12 @@ class Proposer(Worker):
                     self._fail_draft(items[i], out[i], f"{type(e).__name__}: {e}")
                     continue
                 ok = torch.isfinite(q).all()
-                draws[i] = (torch.where(ok, q, torch.ones_like(q)), ok, torch.rand(1, generator=gens[i], device=q.device))
+                draws[i] = (torch.where(ok, q, torch.ones_like(q)), ok, exponentials(q.shape[-1], gens[i], q.device))
                 qs[i].append(q)
         if not draws:
             return {}
-        dist, ok, u = (torch.stack([d[j] for d in draws.values()]) for j in range(3))  # [S, V], [S], [S, 1]
-        host = torch.stack((draw(dist, u[:, 0]), ok.long()), 1).tolist()  # one copy for every sampled row
+        dist, ok, noise = (torch.stack([d[j] for d in draws.values()]) for j in range(3))  # [S, V], [S], [S, V]
+        host = torch.stack((draw(dist, noise), ok.long()), 1).tolist()  # one copy for every sampled row
         drawn = {}
         for i, (tok, ok) in zip(draws, host):
             if ok:
@@ -334,7 +343,6 @@ class Verifier(Worker):
                 end = start + r * width + len(rows[i])
                 at[i] = torch.arange(end - len(items[i].drafts) - 1, end)
         logits = lm.logits(h[0, torch.cat([at[i] for i in range(len(items))]).to(h.device)])  # [sum(k+1), V]
-        self._observe("verify" if not fill else "verify+prefill", len(items), n_tokens, time.perf_counter() - t0)
         rows = logits.split([len(it.drafts) + 1 for it in items])
         verdicts: list[Verdict | None] = [None] * len(items)
         batch, ps, gens = [], [], []
@@ -350,6 +358,8 @@ class Verifier(Worker):
         if batch:
             emitted = verify_batch([items[i].drafts for i in batch], torch.cat([rows[i] for i in batch]),
                                    [items[i].q for i in batch], ps, gens)
+            # timed to the batch's one sync: on a GPU the forward has run by then, not only launched
+            self._observe("verify" if not fill else "verify+prefill", len(items), n_tokens, time.perf_counter() - t0)
             for i, toks in zip(batch, emitted):
                 it = items[i]
                 if toks is None:  # greedy would pick NaN's index silently, sampling would pass it

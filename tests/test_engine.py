@@ -223,3 +223,23 @@ def test_slots_stay_compact_as_sequences_end_and_outputs_stay_exact(engine):
         for w in workers:
             assert sorted(w.table.slot.values()) == list(range(len(w.table.slot)))
     assert [s.out for s in seqs] == solo
+
+
+def test_a_failed_sequence_moved_by_compaction_leaves_no_bad_numbers_behind(family):
+    """Compaction may move a failed sequence down into a freed slot before it is released itself:
+    the slot it leaves is cleared too, so whoever gets it next decodes exactly."""
+    from s2d.engine import load_target
+    from s2d.workers import Verifier, VerifyItem
+
+    cfg = make_config(family, targets=("small",))
+    v, fresh = Verifier(load_target(cfg, "small")), Verifier(load_target(cfg, "small"))
+    item = lambda seq, toks: VerifyItem(seq, toks, [], None, greedy(1), 0)  # noqa: E731
+    v.verify([item("b", [1, 2, 3]), item("a", [5, 6, 7, 8])])
+    for k in v.lm.cache.k:
+        k[v.table.slot["a"], :, :4] = float("nan")
+    assert "not finite" in v.verify([item("a", [5, 6, 7, 8, 9])])[0].error
+    v.release("b")  # "a" moves from slot 1 to slot 0
+    v.release("a")
+    out = v.verify([item("c", [1, 2, 3]), item("d", [4, 5, 6])])
+    assert [o.error for o in out] == [None, None]
+    assert [o.tokens for o in out] == [o.tokens for o in fresh.verify([item("c", [1, 2, 3]), item("d", [4, 5, 6])])]
