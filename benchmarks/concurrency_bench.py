@@ -59,7 +59,7 @@ def sweep(engine: Engine, targets, levels, temps, prompts, n_requests: int, max_
                         a[2].draft_s += bd["draft_ms"] * bd["ticks"] / 1000
                         a[2].verify_s += bd["verify_ms"] * bd["ticks"] / 1000
                 tps = {m: a[0] / a[1] for m, a in acc.items()}
-                pol = engine.scheduler.policy.to_dict()[target]
+                pol = engine.scheduler.policy.to_dict()[target if temp == 0 else f"{target} (sampled)"]
                 rows.append({"target": target, "temperature": temp, "concurrency": c, "requests": reps * c,
                              "ar_tok_s": round(tps["ar"], 1), "s2d_tok_s": round(tps["s2d"], 1),
                              "ratio": round(tps["s2d"] / tps["ar"], 3), "policy_k": pol["k"],

@@ -55,7 +55,7 @@ def main():
         engine.set_profile(a.target, Profile(thresholds=thresholds, k_max=tuned.k_max))
         if a.costs == "pinned":
             engine.scheduler.policy.costs = pinned(a.target, n)
-        policy = engine.scheduler.policy.targets[a.target]
+        policy = engine.scheduler.policy.targets[a.target, True]  # greedy requests
         results, t0 = [], time.perf_counter()
         for i, p in enumerate(prompts):
             params = SamplingParams(max_tokens=a.max_tokens, ignore_eos=True)

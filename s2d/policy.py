@@ -186,6 +186,8 @@ class TargetPolicy:
             load.credit += OFF_BUDGET * (self.round_cost(costs, rows, draft_rows, 0) or 0.0)
             probe = self.round_cost(costs, 1, 1, 1) or 0.0
             probe += missed * (costs.predict("draft_prefill", 1) or 0.0)
+            wide, narrow = (costs.predict(f"verify:{self.target}", rows, w) for w in (2, 1))
+            probe += max((wide or 0.0) - (narrow or 0.0), 0.0)  # one row's draft widens the whole batch's verify
             if load.credit < probe:
                 return 0, 0
             load.credit = 0.0
@@ -271,31 +273,37 @@ class DraftPolicy:
                  costs: StepCosts | None = None):
         self.exits, self.mode, self.online = exits, mode, online_thresholds
         self.costs = costs or StepCosts()
-        self.targets = {t: self._new(t, p) for t, p in profiles.items()}
+        # one policy per target and kind of request: greedy and sampled requests accept differently
+        self.targets = {(t, greedy): self._new(t, p) for t, p in profiles.items() for greedy in (True, False)}
         self.ticks = 0
 
     def _new(self, target: str, profile) -> TargetPolicy:
         return TargetPolicy(target, self.exits, profile.thresholds_for(self.exits), profile.k_max, self.online)
 
     def reset(self, target: str, profile):
-        self.targets[target] = self._new(target, profile)
+        for greedy in (True, False):
+            self.targets[target, greedy] = self._new(target, profile)
 
-    def caps(self, rows: dict[str, int], draft_rows: int, missed: dict[str, int]
-             ) -> dict[str, tuple[int, int, list[float]]]:
+    def caps(self, rows: dict[tuple[str, bool], int], draft_rows: int, missed: dict[tuple[str, bool], int]
+             ) -> dict[tuple[str, bool], tuple[int, int, list[float]]]:
         """Per target with decode rows this tick: (the cap on drafts, the cap for the probing row,
-        the exit thresholds); `missed`: per target, the tokens the draft lacks of that row."""
+        the exit thresholds), keyed by (target, greedy); `missed`: the tokens the draft lacks of that row.
+        The verify cost is the target's whole batch, greedy and sampled rows together."""
         if self.mode == "static":
             return {}
-        return {t: (*self.targets[t].choose_k(self.costs, n, draft_rows, missed.get(t, 0)),
-                    self.targets[t].thresholds()) for t, n in rows.items() if n}
+        batch = defaultdict(int)
+        for (t, _), n in rows.items():
+            batch[t] += n
+        return {key: (*self.targets[key].choose_k(self.costs, batch[key[0]], draft_rows, missed.get(key, 0)),
+                      self.targets[key].thresholds()) for key, n in rows.items() if n}
 
     def drafts(self, target: str) -> bool:
         """Whether the target's s2d requests draft at present (the scheduler splits cohorts only then)."""
-        return self.mode == "static" or self.targets[target].last_k > 0
+        return self.mode == "static" or any(self.targets[target, g].last_k > 0 for g in (True, False))
 
-    def record(self, target: str, k: int, outcome):
+    def record(self, key: tuple[str, bool], k: int, outcome):
         if self.mode != "static":
-            self.targets[target].record(k, len(outcome.drafts), outcome.trace, outcome.tokens, outcome.accepted)
+            self.targets[key].record(k, len(outcome.drafts), outcome.trace, outcome.tokens, outcome.accepted)
 
     def observe(self, verified: list, wall_s: float, draft_rows: int):
         """A finished tick: its forwards' measured seconds, and the engine's own time around them."""
@@ -323,8 +331,9 @@ class DraftPolicy:
 
     def to_dict(self) -> dict:
         """What the policy believes now, per target (stats, benchmarks)."""
-        return {t: {"k": p.last_k, "thresholds": [round(x, 3) for x in p.current],
-                    "mat_at_k": round(p.acc.expected(p.last_k)[0], 3)} for t, p in self.targets.items()}
+        return {(t if greedy else f"{t} (sampled)"): {"k": p.last_k, "thresholds": [round(x, 3) for x in p.current],
+                                                      "mat_at_k": round(p.acc.expected(p.last_k)[0], 3)}
+                for (t, greedy), p in self.targets.items()}
 
 
 

@@ -134,15 +134,15 @@ class Scheduler:
         sched = self.sched
         is_long = {s.seq_id: bool(s.pending) and not s.out and len(s.prompt_ids) > sched.long_prompt for s in candidates}
         first_long = next((s for s in candidates if is_long[s.seq_id]), None)
-        rows = {t: 0 for t in self.target_slots}
+        rows = {(t, g): 0 for t in self.target_slots for g in (True, False)}  # the policy's keys: (target, greedy)
+        probe = {}  # per key, the row whose draft cache lags least: it probes when the policy asks one row
         for s in candidates:
-            rows[s.target] += 1
-        probe = {}  # per target, the row whose draft cache lags least: it probes when the policy asks one row
-        for s in candidates:
-            if s.plan.adaptive and (s.target not in probe or s.missed < probe[s.target].missed):
-                probe[s.target] = s
+            key = s.target, s.params.greedy
+            rows[key] += 1
+            if s.plan.adaptive and (key not in probe or s.missed < probe[key].missed):
+                probe[key] = s
         caps = self._policy(self.policy.caps, rows, sum(s.plan.k_max > 0 for s in candidates),
-                            {t: s.missed for t, s in probe.items()}) or {}
+                            {key: s.missed for key, s in probe.items()}) or {}
         budget, seqs, work = sched.prefill_budget, [], []
         for s in sorted(candidates, key=lambda s: s is not first_long):  # stable: in admission order
             if s is first_long:
@@ -151,9 +151,10 @@ class Scheduler:
                 continue  # one long prompt per tick
             else:
                 allowance = budget
-            if s.plan.adaptive and s.target in caps:
-                k, k_one, thresholds = caps[s.target]
-                w, used = s.work(allowance, k_one if probe.get(s.target) is s else k, thresholds)
+            key = s.target, s.params.greedy
+            if s.plan.adaptive and key in caps:
+                k, k_one, thresholds = caps[key]
+                w, used = s.work(allowance, k_one if probe.get(key) is s else k, thresholds)
             else:
                 w, used = s.work(allowance)
             if w is not None:
@@ -184,7 +185,7 @@ class Scheduler:
                 continue
             o = outcomes[s.seq_id]
             if s.plan.adaptive and o.decoded and not o.resync and not o.error:
-                self._policy(self.policy.record, s.target, s.drafting_k, o)
+                self._policy(self.policy.record, (s.target, s.params.greedy), s.drafting_k, o)
             try:
                 d = s.accept(o)
             except Exception as e:  # noqa: BLE001 - e.g. its detokenization: this request alone fails

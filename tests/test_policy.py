@@ -71,7 +71,7 @@ def test_online_thresholds_converge_from_a_bad_profile(demo, start):
     (0.5, 0, 0), and the modelled goodput rises."""
     demo.set_profile("demo-l", Profile(thresholds=start, k_max=4))
     demo.scheduler.policy.costs = StepCosts(fixed=PINNED)
-    policy = demo.scheduler.policy.targets["demo-l"]
+    policy = demo.scheduler.policy.targets["demo-l", True]  # greedy requests
     prompts = heldout_code(Path(load_config("demo").base_dir), 20)
     results = [demo.generate([Request(target="demo-l", prompt=p, params=SamplingParams(max_tokens=48, ignore_eos=True))])[0]
                for p in prompts]
