@@ -66,12 +66,14 @@ class StepCosts:
         if (model, b, width) in self.cells:
             return self.cells[model, b, width]
         own = {w: c for (m, bb, w), c in self.cells.items() if m == model and bb == b}
-        if not own:  # scale the nearest measured bucket, linearly in rows
+        if not own:  # scale the nearest measured bucket
             near = sorted({bb for (m, bb, _) in self.cells if m == model}, key=lambda bb: abs(math.log2(bb / b)))
             if not near:
                 return None
             scaled = self.predict(model, near[0], width)
-            return None if scaled is None else scaled * max(1.0, b / near[0]) ** 0.5
+            # linearly in rows: an upper bound (costs grow slower), so the policy does not start drafting at
+            # a load on a guess that drafting there is cheap; probes and drafting then measure it
+            return None if scaled is None else scaled * max(1.0, b / near[0])
         if len(own) == 1:
             (w0, c0), = own.items()
             return c0 * (1 + self._slope(model, b) * (width - w0))
