@@ -7,7 +7,10 @@ target's verify forwards, and the engine's own work (everything else), per tick 
 A benchmark, not a test.
 
     python benchmarks/concurrency_bench.py --config demo [--targets demo-l] [--levels 1,4,8,16,32]
-        [--temperatures 0,1] [--requests 32] [--max-tokens 48] [--out runs/concurrency]
+        [--temperatures 0,1] [--requests 32] [--max-tokens 48] [--out runs/concurrency] [--static-k K]
+
+--static-k K runs s2d with the draft policy off and every profile's k_max set to K: what a fixed
+profile pays at each load, against which the policy's choices can be read.
 """
 from __future__ import annotations
 
@@ -90,8 +93,13 @@ def main():
     ap.add_argument("--requests", type=int, default=32, help="requests per cell and method (at least 2 batches)")
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--out", default="runs/concurrency")
+    ap.add_argument("--static-k", type=int, default=None, help="draft_policy static, every profile's k_max = K")
     a = ap.parse_args()
     cfg = load_config(a.config)
+    if a.static_k is not None:
+        cfg.scheduling.draft_policy = "static"
+        for t in cfg.targets:
+            t.profile.k_max = a.static_k
     engine = Engine.from_config(cfg)
     targets = a.targets.split(",") if a.targets else [t.name for t in cfg.targets]
     levels = [int(x) for x in a.levels.split(",")]

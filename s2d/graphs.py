@@ -13,16 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from s2d.model import KEY_BUCKET, Batch, CausalLM, Group
+from s2d.model import KEY_BUCKET, Batch, CausalLM, Group, pow2_at_least
 
 MAX_WIDTH = 16  # tokens per row a static forward takes (verify of up to 15 drafts)
-
-
-def pow2_at_least(n: int, floor: int = 1) -> int:
-    b = floor
-    while b < n:
-        b *= 2
-    return b
 
 
 @dataclass

@@ -22,6 +22,14 @@ SUPPORTED = {"llama", "mistral", "qwen2"}
 KEY_BUCKET = 64  # key lengths round up to this, so shapes repeat (compile/CUDA-graph friendly)
 
 
+def pow2_at_least(n: int, floor: int = 1) -> int:
+    """The smallest floor * 2**j >= n: the buckets of batch sizes and key lengths (graphs, costs)."""
+    b = floor
+    while b < n:
+        b *= 2
+    return b
+
+
 def resolve_dtype(name: str, device: str) -> torch.dtype:
     if name == "auto":
         return torch.float32 if device == "cpu" else torch.bfloat16

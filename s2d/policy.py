@@ -22,6 +22,8 @@ import statistics
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
+from s2d.model import pow2_at_least
+
 DECAY = 0.98  # per observation: old traffic fades, so the policy follows a change of load or content
 BINS = 10  # confidence bins per exit
 EXPLORE_EVERY = 16  # ticks between rounds with a neighbouring k while speculation is on
@@ -37,7 +39,7 @@ PRIOR_SLOPE = 0.05  # extra tokens per row, as a fraction of a 1-token forward, 
 
 def bucket(rows: int) -> int:
     """Batch sizes in powers of two, so that a handful of cells covers every load."""
-    return 1 << max(0, math.ceil(math.log2(max(rows, 1))))
+    return pow2_at_least(rows)
 
 
 class StepCosts:
@@ -142,7 +144,6 @@ class TargetPolicy:
     def __init__(self, target: str, exits: list[int], thresholds: list[float], k_max: int,
                  online_thresholds: bool = True):
         self.target, self.exits, self.k_max = target, exits, k_max
-        self.base = list(thresholds)
         self.current = list(thresholds)
         self.online = online_thresholds
         self.acc = Acceptance()
