@@ -2,7 +2,8 @@
 draft's, one per target), starts the draft and target actors in it, and runs the one scheduler
 (s2d/scheduler.py) over them through the Ray executor (or, with `transport: in_process`, over the
 models loaded in its own process). Requests arrive as one streaming call each
-from the ingress; the scheduler batches them across all of the cell's targets."""
+from the ingress; the scheduler batches them across all of the cell's targets. The load gauges
+(deployments/metrics.py) are set from the scheduler's thread."""
 from __future__ import annotations
 
 import os
@@ -11,6 +12,7 @@ from collections.abc import AsyncIterator
 from ray import serve
 
 from deployments.executor import RayExecutor
+from deployments.metrics import LoadMetrics
 from s2d.config import EngineConfig
 from s2d.engine import load_in_process, scheduler_for
 from s2d.loop import EngineLoop
@@ -27,7 +29,12 @@ class Cell:
             self.executor, threads = load_in_process(cfg, spec.targets), os.cpu_count() or 1
         else:  # the actors set their own threads
             self.executor, threads = RayExecutor(cfg, cell, spec.pipeline, transport=spec.transport), None
-        self.loop = EngineLoop(scheduler_for(cfg, self.executor, spec.targets, spec.pipeline), threads)
+        self.loop = EngineLoop(scheduler_for(cfg, self.executor, spec.targets, spec.pipeline), threads,
+                               report=LoadMetrics().report)
+
+    def ready(self) -> bool:
+        """Answers once the constructor has returned: the models are loaded (the health check)."""
+        return self.loop.thread.is_alive()
 
     async def generate(self, req: Request, resume: list[int], final_only: bool = False) -> AsyncIterator[Delta]:
         """The request's deltas (one at the end with `final_only`, for unary RPCs)."""

@@ -20,15 +20,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_locally(config: str, num_cpus: int | None = None) -> str:
-    """Start Ray and Serve in this process, deploy the app for `config`; returns the gRPC address."""
+def serve_locally(config: str, num_cpus: int | None = None, http_port: int | None = None,
+                  metrics_port: int | None = None) -> str:
+    """Start Ray and Serve in this process, deploy the app for `config`; returns the gRPC address.
+    HTTP (the OpenAI API) listens on `http_port` (default: a free one); with `metrics_port`, Ray
+    exports Prometheus metrics there, reported every second."""
     set_local_env()
     import ray
     from ray import serve
 
     port = free_port()
-    ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": free_port()},
+    metrics = {"_metrics_export_port": metrics_port, "_system_config": {"metrics_report_interval_ms": 1000}}
+    ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+             **(metrics if metrics_port else {}))
+    serve.start(http_options={"host": "127.0.0.1", "port": http_port or free_port()},
                 grpc_options={"port": port, "grpc_servicer_functions": ["s2d.proto.servicer.add_S2DServicer_to_server"]})
     deploy(config)
     return f"127.0.0.1:{port}"

@@ -1,6 +1,8 @@
-"""The gRPC ingress, kept thin: it turns a message into a Request, routes it to the cell that hosts
-its target (one streaming call per request), streams, and maps errors to status codes. Validation,
-admission, overload and request ids live in the cell's scheduler.
+"""The ingress, kept thin: gRPC here and the OpenAI HTTP API (deployments/http.py) on the same
+replica. It turns a message into a Request, routes it to the cell that hosts its target (one
+streaming call per request), streams, maps errors to status codes, and records each finished
+request's metrics (deployments/metrics.py). Validation, admission, overload and request ids live in
+the cell's scheduler.
 
 If a cell replica dies, the request is resent to another replica with the tokens already streamed
 (`resume`), so the client sees one uninterrupted stream; after RETRY_WINDOW_S without an answer
@@ -16,19 +18,19 @@ from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle
 
+from deployments.http import OpenAIRoutes, app
+from deployments.metrics import RequestMetrics
 from s2d.config import EngineConfig
 from s2d.draft import read_exits
 from s2d.proto import s2d_pb2 as pb
 from s2d.proto.servicer import Undecodable
-from s2d.request import DuplicateRequest, Overloaded, Request, RequestError, RequestFailed, UnknownTarget, parse_request
+from s2d.request import (DeadlineExceeded, DuplicateRequest, Overloaded, Request, RequestError, RequestFailed,
+                         Unavailable, UnknownTarget, parse_request)
 
 log = logging.getLogger("ray.serve")
 REPLICA_LOST = (ActorDiedError, ActorUnavailableError, RayActorError)
 RETRY_WINDOW_S = 30.0  # how long a request waits for a lost cell replica's work to land elsewhere
-
-
-class Unavailable(RuntimeError):
-    pass
+READY_TIMEOUT_S = 2.0  # a health check's wait for each cell
 
 
 def to_request(r: pb.GenerateRequest | Undecodable, cfg: EngineConfig) -> Request:
@@ -50,12 +52,14 @@ def to_request(r: pb.GenerateRequest | Undecodable, cfg: EngineConfig) -> Reques
 def stats_pb(s: dict) -> pb.SpecStats:
     return pb.SpecStats(drafted=s["drafted"], accepted=s["accepted"], mat=s["mat"], target_forwards=s["target_forwards"],
                         exit_histogram={int(k): v for k, v in s["exit_histogram"].items()},
-                        acceptance_per_position=s["acceptance_per_position"], wall_s=s["wall_s"])
+                        acceptance_per_position=s["acceptance_per_position"], wall_s=s["wall_s"],
+                        proposed_at=s["proposed_at"], accepted_at=s["accepted_at"])
 
 
 STATUS = [(UnknownTarget, grpc.StatusCode.NOT_FOUND), (DuplicateRequest, grpc.StatusCode.ALREADY_EXISTS),
           (RequestError, grpc.StatusCode.INVALID_ARGUMENT), (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
-          (Unavailable, grpc.StatusCode.UNAVAILABLE), (RequestFailed, grpc.StatusCode.INTERNAL)]
+          (Unavailable, grpc.StatusCode.UNAVAILABLE), (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+          (RequestFailed, grpc.StatusCode.INTERNAL)]
 
 
 class Refused(Exception):
@@ -65,32 +69,35 @@ class Refused(Exception):
 
 
 @serve.deployment
-class S2DRouter:
+@serve.ingress(app)
+class S2DRouter(OpenAIRoutes):
     def __init__(self, config: dict, cells: dict[str, DeploymentHandle]):
         self.cfg = EngineConfig.model_validate(config)
         self.cell_of = {t: cells[c.name] for c in self.cfg.cells for t in c.targets}
         self.targets = [t.name for t in self.cfg.targets]
         self.exits = read_exits(self.cfg.resolve(self.cfg.draft.path))
         self.cells = cells
+        self.metrics = RequestMetrics()
+        self.started = int(time.time())
 
     # -- RPCs ----------------------------------------------------------------------------------
     async def Generate(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
         text, tokens, last = [], [], None
         try:
-            async for d in self._deltas(request, final_only=True):
+            async for d in self._deltas(to_request(request, self.cfg), final_only=True):
                 text.append(d.text)
                 tokens += d.token_ids
                 last = d
             if last is None:
                 raise RequestFailed("the cell ended the request without an answer")
         except Exception as e:  # noqa: BLE001 - mapped to a status, the server keeps serving
-            raise self._fail(grpc_context, e) from None
+            raise self._fail(grpc_context, e, getattr(request, "target", "")) from None
         return pb.GenerateResponse(text="".join(text), token_ids=tokens, finish_reason=last.finish_reason,
                                    usage=pb.Usage(**last.usage), stats=stats_pb(last.stats), request_id=last.seq_id)
 
     async def GenerateStream(self, request: pb.GenerateRequest, grpc_context):
         try:
-            async for d in self._deltas(request):
+            async for d in self._deltas(to_request(request, self.cfg)):
                 chunk = pb.GenerateChunk(text=d.text, token_ids=d.token_ids, finished=d.finished,
                                          finish_reason=d.finish_reason or "")
                 if d.finished:
@@ -98,7 +105,7 @@ class S2DRouter:
                     chunk.stats.CopyFrom(stats_pb(d.stats))
                 yield chunk
         except Exception as e:  # noqa: BLE001 - the same status as the unary RPC
-            raise self._fail(grpc_context, e) from None
+            raise self._fail(grpc_context, e, getattr(request, "target", "")) from None
 
     async def ListTargets(self, request, grpc_context) -> pb.ListTargetsResponse:
         self._refuse_undecodable(request, grpc_context)
@@ -106,32 +113,56 @@ class S2DRouter:
 
     async def Health(self, request, grpc_context) -> pb.HealthResponse:
         self._refuse_undecodable(request, grpc_context)
-        return pb.HealthResponse(status="ok")
+        cells = await self.cells_ready()
+        return pb.HealthResponse(status="ok" if all(v == "ready" for v in cells.values()) else "loading")
 
     def _refuse_undecodable(self, request, grpc_context):
         if isinstance(request, Undecodable):
             raise self._fail(grpc_context, RequestError(request.field, request.message))
+
+    async def cells_ready(self) -> dict[str, str]:
+        """Per cell: "ready" once a replica has loaded its models (its constructor has returned),
+        else why not."""
+        async def ready(h: DeploymentHandle) -> str:
+            resp = h.ready.remote()
+
+            async def answer():
+                return await resp
+
+            try:
+                alive = await asyncio.wait_for(answer(), READY_TIMEOUT_S)
+                return "ready" if alive else "failed: the cell's scheduler thread has stopped"
+            except asyncio.TimeoutError:
+                resp.cancel()
+                return f"loading: no replica answered in {READY_TIMEOUT_S:g} s"
+            except Exception as e:  # noqa: BLE001 - a health check reports, it never fails
+                return f"failed: {type(e).__name__}: {e}"[:300]
+
+        names = list(self.cells)
+        return dict(zip(names, await asyncio.gather(*(ready(self.cells[n]) for n in names))))
 
     async def cell_stats(self) -> dict:
         """Each cell's actor stats and busy fractions (for tests, benchmarks and operators)."""
         return {name: await h.stats.remote() for name, h in self.cells.items()}
 
     # -- routing -------------------------------------------------------------------------------
-    async def _deltas(self, request: pb.GenerateRequest, final_only: bool = False):
+    async def _deltas(self, req: Request, final_only: bool = False):
         """The request's deltas from the cell hosting its target; resent with the tokens already
-        streamed if the cell replica is lost (a unary request, `final_only`, starts over)."""
-        req = to_request(request, self.cfg)
+        streamed (and what is left of its deadline) if the cell replica is lost (a unary request,
+        `final_only`, starts over). The last delta's figures go to the metrics before it is yielded."""
         if req.target not in self.cell_of:
             raise UnknownTarget("target", f"unknown target {req.target!r}; known: {self.targets}")
         cell = self.cell_of[req.target].options(stream=True)
         streamed: list[int] = []
-        deadline = None
+        deadline, started, timeout = None, time.monotonic(), req.deadline_s(self.cfg.limits)
         while True:
             try:
                 async for d in cell.generate.remote(req, streamed, final_only):
                     req.request_id = d.seq_id  # a resent request keeps its id
                     streamed += d.token_ids
                     deadline = None
+                    if d.finished:
+                        self.metrics.finished_request(req.target, d.finish_reason, d.usage, d.stats, d.timing)
                     yield d
                 return
             except REPLICA_LOST as e:
@@ -140,9 +171,9 @@ class S2DRouter:
                     raise Unavailable(f"no cell replica answered for {RETRY_WINDOW_S:.0f} s: {e}") from e
                 log.warning("cell replica lost during %s after %d tokens; resending", req.request_id, len(streamed))
                 await asyncio.sleep(0.5)
+                req.timeout_s = max(timeout - (time.monotonic() - started), 1e-3)
 
-    @staticmethod
-    def _fail(grpc_context, e: Exception) -> Refused:
+    def _fail(self, grpc_context, e: Exception, target: str = "") -> Refused:
         """Set the status that names the problem; the caller raises what this returns."""
         cause = getattr(e, "cause", None) or e  # a cell's error arrives wrapped in a RayTaskError
         code = next((c for cls, c in STATUS if isinstance(cause, cls)), None)
@@ -153,4 +184,5 @@ class S2DRouter:
             details = str(cause)
         grpc_context.set_code(code)
         grpc_context.set_details(details[:1000])
+        self.metrics.failed_request(target if target in self.cell_of else "(unknown)", code.name.lower())
         return Refused(details)

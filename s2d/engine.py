@@ -55,6 +55,8 @@ class TargetFrontend:
         if len(ids) > self.limits.max_prompt_tokens or len(ids) >= self.context:
             raise RequestError("prompt", f"{len(ids)} tokens is longer than the limit "
                                f"{min(self.limits.max_prompt_tokens, self.context - 1)}")
+        if req.fit_context and len(ids) + params.max_tokens > self.context:  # a default, not the client's ask
+            params = params.model_copy(update={"max_tokens": self.context - len(ids)})
         if len(ids) + params.max_tokens > self.context:
             raise RequestError("max_tokens", f"prompt ({len(ids)}) + max_tokens ({params.max_tokens}) exceeds "
                                f"the context ({self.context})")

@@ -2,18 +2,21 @@
 
 The thread is the only one that touches the scheduler, so a sequence's state has one owner:
 requests and aborts reach it through an inbox, deltas leave through each request's asyncio queue.
-Ticks block on the executor, never the event loop."""
+Ticks block on the executor, never the event loop. Every request has a deadline
+(Request.deadline_s); `report`, when given, gets Scheduler.load() about once a second, on the
+scheduler's thread (a metrics exporter's gauges)."""
 from __future__ import annotations
 
 import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 
 import torch
 
-from s2d.request import Request, RequestFailed
+from s2d.request import DeadlineExceeded, Request, RequestFailed
 from s2d.scheduler import Scheduler
 from s2d.sequence import Delta
 
@@ -21,8 +24,12 @@ log = logging.getLogger(__name__)
 
 
 class EngineLoop:
-    def __init__(self, scheduler: Scheduler, torch_threads: int | None = None):
-        self.scheduler, self.torch_threads = scheduler, torch_threads
+    REPORT_EVERY_S = 1.0
+
+    def __init__(self, scheduler: Scheduler, torch_threads: int | None = None,
+                 report: Callable[[dict], None] | None = None):
+        self.scheduler, self.torch_threads, self.report = scheduler, torch_threads, report
+        self._reported = 0.0
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.outputs: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stop = False
@@ -33,9 +40,10 @@ class EngineLoop:
         """Deltas of one request until it finishes; the deltas that queued while the consumer was
         busy come as one, and with `final_only` the whole output comes as one delta at the end.
         Bad input raises RequestError before the first delta, a failure of the engine on this
-        request alone raises RequestFailed; leaving early (cancellation, a client gone) aborts the
-        request and frees its caches."""
+        request alone raises RequestFailed, its deadline passing DeadlineExceeded; leaving early
+        (cancellation, a client gone, the deadline) aborts the request and frees its caches."""
         loop = asyncio.get_running_loop()
+        started = loop.time()
         admitted: asyncio.Future = loop.create_future()
         out: asyncio.Queue = asyncio.Queue()
         self.inbox.put(("add", req, list(resume), loop, admitted, out))
@@ -44,10 +52,15 @@ class EngineLoop:
         except asyncio.CancelledError:  # gone before admission: abort once admitted
             admitted.add_done_callback(lambda f: f.exception() or self.inbox.put(("abort", f.result())))
             raise
+        timeout = req.deadline_s(self.scheduler.limits)  # the scheduler has checked the request
+        deadline = started + timeout
         try:
             pending = None
             while True:
-                item = await out.get()
+                try:
+                    item = await asyncio.wait_for(out.get(), max(deadline - loop.time(), 0))
+                except asyncio.TimeoutError:
+                    raise DeadlineExceeded(f"the request ran past its deadline of {timeout:g} s") from None
                 while True:
                     if isinstance(item, Exception):
                         raise item
@@ -97,6 +110,7 @@ class EngineLoop:
             torch.set_num_threads(self.torch_threads)
         while not self._stop:
             self._take_inbox(block=not self.scheduler.has_work)
+            self._report()
             if not self.scheduler.has_work:
                 continue
             try:
@@ -109,6 +123,14 @@ class EngineLoop:
                 self._send(d.seq_id, d)
                 if d.finished:
                     self.outputs.pop(d.seq_id, None)
+
+    def _report(self):
+        if self.report and time.monotonic() - self._reported >= self.REPORT_EVERY_S:
+            self._reported = time.monotonic()
+            try:
+                self.report(self.scheduler.load())
+            except Exception:  # noqa: BLE001 - metrics must never stop the engine
+                log.exception("reporting the scheduler's load failed")
 
     def _fail_running(self, e: Exception):
         for seq_id in list(self.scheduler.running) + [s.seq_id for s in self.scheduler.waiting]:

@@ -42,6 +42,14 @@ class RequestFailed(RuntimeError):
     """The engine failed on this request alone (its batch-mates go on)."""
 
 
+class Unavailable(RuntimeError):
+    """No replica of the request's cell answered (for the ingress's retry window)."""
+
+
+class DeadlineExceeded(RuntimeError):
+    """The request ran past its deadline (Request.timeout_s, at most Limits.max_request_s)."""
+
+
 @dataclass
 class Request:
     target: str
@@ -51,6 +59,11 @@ class Request:
     mode: str = "s2d"  # s2d | ar | fixed:E (E an exit depth of the draft)
     raw: bool = False  # skip the chat template for `prompt`
     request_id: str | None = None
+    timeout_s: float | None = None  # the deadline, from admission; None: Limits.max_request_s
+    fit_context: bool = False  # max_tokens was not asked: shorten it to what the context leaves
+
+    def deadline_s(self, limits: Limits) -> float:
+        return min(self.timeout_s or limits.max_request_s, limits.max_request_s)
 
 
 NAME = (re.compile(r"[\x21-\x7e]{1,128}"), "1 to 128 visible ASCII characters (no spaces or control characters)")
@@ -83,8 +96,12 @@ def check_request(req: Request, limits: Limits) -> Request:
         check_name("request_id", req.request_id)
     if not isinstance(req.params, SamplingParams):
         raise RequestError("params", f"must be SamplingParams, got {type(req.params).__name__}")
-    if not isinstance(req.raw, bool):
-        raise RequestError("raw", "must be a bool")
+    for name in ("raw", "fit_context"):
+        if not isinstance(getattr(req, name), bool):
+            raise RequestError(name, "must be a bool")
+    t = req.timeout_s
+    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= limits.max_request_s):
+        raise RequestError("timeout_s", f"{t!r:.40} is not a number of seconds in (0, {limits.max_request_s:g}]")
     size = 0
     if req.messages is not None and req.prompt is not None:
         raise RequestError("messages", "give either prompt or messages, not both")
@@ -123,7 +140,7 @@ def parse_request(data: dict, limits: Limits) -> Request:
     """A Request from wire data: {target, prompt | messages, mode, raw, request_id, and the
     SamplingParams fields}; absent and None fields take their defaults."""
     data = {k: v for k, v in data.items() if v is not None}
-    req_keys = {"target", "prompt", "messages", "mode", "raw", "request_id"}
+    req_keys = {"target", "prompt", "messages", "mode", "raw", "request_id", "timeout_s", "fit_context"}
     try:
         params = SamplingParams.model_validate({k: v for k, v in data.items() if k not in req_keys})
     except ValidationError as e:
@@ -131,5 +148,6 @@ def parse_request(data: dict, limits: Limits) -> Request:
         raise RequestError(".".join(map(str, err["loc"])) or "request", err["msg"]) from None
     req = Request(target=data.get("target", ""), prompt=data.get("prompt"), messages=data.get("messages"),
                   params=params, mode=data.get("mode", "s2d"), raw=data.get("raw", False),
-                  request_id=data.get("request_id"))
+                  request_id=data.get("request_id"), timeout_s=data.get("timeout_s"),
+                  fit_context=data.get("fit_context", False))
     return check_request(req, limits)

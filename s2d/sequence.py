@@ -95,11 +95,12 @@ class Delta:
     usage: dict | None = None  # on the last delta
     stats: dict | None = None  # on the last delta
     error: str | None = None  # finish_reason "error": why the engine failed on this request alone
+    timing: dict | None = None  # on the last delta: Sequence.timing()
 
     def then(self, later: "Delta") -> "Delta":
         """This delta followed by a later one of the same sequence, as one."""
         return Delta(self.seq_id, self.token_ids + later.token_ids, self.text + later.text, later.finished,
-                     later.finish_reason, later.usage, later.stats, later.error)
+                     later.finish_reason, later.usage, later.stats, later.error, later.timing)
 
 
 class Sequence:
@@ -121,7 +122,9 @@ class Sequence:
         self.text = self.detok.text
         self.sent = len(self.text)  # what the client was sent
         self.finished, self.finish_reason, self.error = False, None, None
-        self.t0 = time.perf_counter()
+        self.arrived = self.t0 = time.perf_counter()  # t0: admission (the scheduler sets it)
+        self.emitted_at: list[float] = []  # when each round that emitted tokens was accepted
+        self.ended_at = 0.0
 
     @property
     def tokens(self) -> list[int]:
@@ -175,6 +178,7 @@ class Sequence:
         self.round += 1
         self.cached_drafts = o.accepted
         self.stats.record(len(o.drafts), o.accepted, len(o.tokens), o.exits)
+        self.emitted_at.append(time.perf_counter())
         new = []
         for t in o.tokens:
             new.append(t)
@@ -197,7 +201,8 @@ class Sequence:
         delta, self.sent = self.text[self.sent:end], max(self.sent, end)
         if not self.finished:
             return Delta(self.seq_id, new, delta)
-        return Delta(self.seq_id, new, delta, True, self.finish_reason, self.usage(), self.stats.to_dict())
+        return Delta(self.seq_id, new, delta, True, self.finish_reason, self.usage(), self.stats.to_dict(),
+                     timing=self.timing())
 
     def fail(self, error: str) -> Delta:
         """End this request alone: the engine failed on it (its batch-mates go on)."""
@@ -208,7 +213,16 @@ class Sequence:
     def _finish(self, reason: str):
         if not self.finished:
             self.finished, self.finish_reason = True, reason
-            self.stats.wall_s = time.perf_counter() - self.t0
+            self.ended_at = time.perf_counter()
+            self.stats.wall_s = self.ended_at - self.t0
+
+    def timing(self) -> dict:
+        """Engine-side latencies of a finished request, from its arrival in the scheduler: queue,
+        time to first token, end to end, and the gaps between the rounds that emitted tokens
+        (what a streaming client waits between chunks; a round may emit several tokens)."""
+        at = self.emitted_at
+        return {"queue_s": self.t0 - self.arrived, "ttft_s": (at[0] if at else self.ended_at) - self.arrived,
+                "e2e_s": self.ended_at - self.arrived, "itl_s": [b - a for a, b in zip(at, at[1:])]}
 
     def usage(self) -> dict:
         return {"prompt_tokens": len(self.prompt_ids), "completion_tokens": len(self.out)}

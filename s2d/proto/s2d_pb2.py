@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13s2d/proto/s2d.proto\x12\x06s2d.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x9c\x02\n\x0fGenerateRequest\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12%\n\x08messages\x18\x03 \x03(\x0b\x32\x13.s2d.v1.ChatMessage\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x07 \x01(\x05\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x0c\n\x04mode\x18\n \x01(\t\x12\x12\n\nrequest_id\x18\x0b \x01(\t\x12\x0b\n\x03raw\x18\x0c \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\xf9\x01\n\tSpecStats\x12\x0f\n\x07\x64rafted\x18\x01 \x01(\x03\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x03\x12\x0b\n\x03mat\x18\x03 \x01(\x01\x12<\n\x0e\x65xit_histogram\x18\x04 \x03(\x0b\x32$.s2d.v1.SpecStats.ExitHistogramEntry\x12\x17\n\x0ftarget_forwards\x18\x05 \x01(\x03\x12\x1f\n\x17\x61\x63\x63\x65ptance_per_position\x18\x06 \x03(\x01\x12\x0e\n\x06wall_s\x18\x07 \x01(\x01\x1a\x34\n\x12\x45xitHistogramEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\x9e\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x1c\n\x05usage\x18\x04 \x01(\x0b\x32\r.s2d.v1.Usage\x12 \n\x05stats\x18\x05 \x01(\x0b\x32\x11.s2d.v1.SpecStats\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"\x99\x01\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x1c\n\x05usage\x18\x05 \x01(\x0b\x32\r.s2d.v1.Usage\x12 \n\x05stats\x18\x06 \x01(\x0b\x32\x11.s2d.v1.SpecStats\"\x14\n\x12ListTargetsRequest\";\n\x13ListTargetsResponse\x12\x0f\n\x07targets\x18\x01 \x03(\t\x12\x13\n\x0b\x64raft_exits\x18\x02 \x03(\x05\"\x0f\n\rHealthRequest\" \n\x0eHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t2\x89\x02\n\x03S2D\x12=\n\x08Generate\x12\x17.s2d.v1.GenerateRequest\x1a\x18.s2d.v1.GenerateResponse\x12\x42\n\x0eGenerateStream\x12\x17.s2d.v1.GenerateRequest\x1a\x15.s2d.v1.GenerateChunk0\x01\x12\x46\n\x0bListTargets\x12\x1a.s2d.v1.ListTargetsRequest\x1a\x1b.s2d.v1.ListTargetsResponse\x12\x37\n\x06Health\x12\x15.s2d.v1.HealthRequest\x1a\x16.s2d.v1.HealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13s2d/proto/s2d.proto\x12\x06s2d.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x9c\x02\n\x0fGenerateRequest\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12%\n\x08messages\x18\x03 \x03(\x0b\x32\x13.s2d.v1.ChatMessage\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x07 \x01(\x05\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x0c\n\x04mode\x18\n \x01(\t\x12\x12\n\nrequest_id\x18\x0b \x01(\t\x12\x0b\n\x03raw\x18\x0c \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\xa3\x02\n\tSpecStats\x12\x0f\n\x07\x64rafted\x18\x01 \x01(\x03\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x03\x12\x0b\n\x03mat\x18\x03 \x01(\x01\x12<\n\x0e\x65xit_histogram\x18\x04 \x03(\x0b\x32$.s2d.v1.SpecStats.ExitHistogramEntry\x12\x17\n\x0ftarget_forwards\x18\x05 \x01(\x03\x12\x1f\n\x17\x61\x63\x63\x65ptance_per_position\x18\x06 \x03(\x01\x12\x0e\n\x06wall_s\x18\x07 \x01(\x01\x12\x13\n\x0bproposed_at\x18\x08 \x03(\x03\x12\x13\n\x0b\x61\x63\x63\x65pted_at\x18\t \x03(\x03\x1a\x34\n\x12\x45xitHistogramEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\x9e\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x1c\n\x05usage\x18\x04 \x01(\x0b\x32\r.s2d.v1.Usage\x12 \n\x05stats\x18\x05 \x01(\x0b\x32\x11.s2d.v1.SpecStats\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"\x99\x01\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x1c\n\x05usage\x18\x05 \x01(\x0b\x32\r.s2d.v1.Usage\x12 \n\x05stats\x18\x06 \x01(\x0b\x32\x11.s2d.v1.SpecStats\"\x14\n\x12ListTargetsRequest\";\n\x13ListTargetsResponse\x12\x0f\n\x07targets\x18\x01 \x03(\t\x12\x13\n\x0b\x64raft_exits\x18\x02 \x03(\x05\"\x0f\n\rHealthRequest\" \n\x0eHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t2\x89\x02\n\x03S2D\x12=\n\x08Generate\x12\x17.s2d.v1.GenerateRequest\x1a\x18.s2d.v1.GenerateResponse\x12\x42\n\x0eGenerateStream\x12\x17.s2d.v1.GenerateRequest\x1a\x15.s2d.v1.GenerateChunk0\x01\x12\x46\n\x0bListTargets\x12\x1a.s2d.v1.ListTargetsRequest\x1a\x1b.s2d.v1.ListTargetsResponse\x12\x37\n\x06Health\x12\x15.s2d.v1.HealthRequest\x1a\x16.s2d.v1.HealthResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,21 +40,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_USAGE']._serialized_start=364
   _globals['_USAGE']._serialized_end=421
   _globals['_SPECSTATS']._serialized_start=424
-  _globals['_SPECSTATS']._serialized_end=673
-  _globals['_SPECSTATS_EXITHISTOGRAMENTRY']._serialized_start=621
-  _globals['_SPECSTATS_EXITHISTOGRAMENTRY']._serialized_end=673
-  _globals['_GENERATERESPONSE']._serialized_start=676
-  _globals['_GENERATERESPONSE']._serialized_end=834
-  _globals['_GENERATECHUNK']._serialized_start=837
-  _globals['_GENERATECHUNK']._serialized_end=990
-  _globals['_LISTTARGETSREQUEST']._serialized_start=992
-  _globals['_LISTTARGETSREQUEST']._serialized_end=1012
-  _globals['_LISTTARGETSRESPONSE']._serialized_start=1014
-  _globals['_LISTTARGETSRESPONSE']._serialized_end=1073
-  _globals['_HEALTHREQUEST']._serialized_start=1075
-  _globals['_HEALTHREQUEST']._serialized_end=1090
-  _globals['_HEALTHRESPONSE']._serialized_start=1092
-  _globals['_HEALTHRESPONSE']._serialized_end=1124
-  _globals['_S2D']._serialized_start=1127
-  _globals['_S2D']._serialized_end=1392
+  _globals['_SPECSTATS']._serialized_end=715
+  _globals['_SPECSTATS_EXITHISTOGRAMENTRY']._serialized_start=663
+  _globals['_SPECSTATS_EXITHISTOGRAMENTRY']._serialized_end=715
+  _globals['_GENERATERESPONSE']._serialized_start=718
+  _globals['_GENERATERESPONSE']._serialized_end=876
+  _globals['_GENERATECHUNK']._serialized_start=879
+  _globals['_GENERATECHUNK']._serialized_end=1032
+  _globals['_LISTTARGETSREQUEST']._serialized_start=1034
+  _globals['_LISTTARGETSREQUEST']._serialized_end=1054
+  _globals['_LISTTARGETSRESPONSE']._serialized_start=1056
+  _globals['_LISTTARGETSRESPONSE']._serialized_end=1115
+  _globals['_HEALTHREQUEST']._serialized_start=1117
+  _globals['_HEALTHREQUEST']._serialized_end=1132
+  _globals['_HEALTHRESPONSE']._serialized_start=1134
+  _globals['_HEALTHRESPONSE']._serialized_end=1166
+  _globals['_S2D']._serialized_start=1169
+  _globals['_S2D']._serialized_end=1434
 # @@protoc_insertion_point(module_scope)
