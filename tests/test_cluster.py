@@ -50,3 +50,14 @@ def test_serve_config_names_the_app_builder_and_stubs():
     app = cfg["applications"][0]
     assert app["import_path"] == "deployments.app:build_app"
     assert cfg["grpc_options"]["grpc_servicer_functions"] == ["s2d.proto.servicer.add_S2DServicer_to_server"]
+
+
+def test_podmonitor_scrapes_the_metrics_port_of_every_ray_node():
+    monitor = yaml.safe_load((ROOT / "cluster" / "podmonitor.yaml").read_text())
+    service = yaml.safe_load((ROOT / "cluster" / "rayservice.yaml").read_text())["spec"]["rayClusterConfig"]
+    port = monitor["spec"]["podMetricsEndpoints"][0]["port"]
+    groups = [service["headGroupSpec"], *service["workerGroupSpecs"]]
+    for g in groups:
+        ports = {p["name"]: p["containerPort"] for p in g["template"]["spec"]["containers"][0]["ports"]}
+        assert str(ports[port]) == g["rayStartParams"]["metrics-export-port"], g
+    assert set(monitor["spec"]["selector"]["matchExpressions"][0]["values"]) == {"head", "worker"}

@@ -5,10 +5,12 @@ of Ray's real metrics endpoint. Targets: two of the test family without a chat t
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import openai
@@ -353,6 +355,17 @@ def test_failed_requests_are_counted_by_status(app):
     key = lambda t, s: ("ray_s2d_requests_failed_total", (("status", s), ("target", t)))  # noqa: E731
     assert after[key("(unknown)", "model_not_found")] - before.get(key("(unknown)", "model_not_found"), 0) == 1
     assert after[key("small", "invalid_argument")] - before.get(key("small", "invalid_argument"), 0) == 1
+
+
+def test_every_metric_of_the_grafana_dashboard_is_exported(app):
+    dash = json.loads((Path(__file__).resolve().parents[1] / "cluster" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    used = {m for e in exprs for m in re.findall(r"ray_s2d_\w+", e)}
+    complete(app, "def ", max_tokens=8, extra_body={"mode": "fixed:2"})  # this test's own traffic
+    with pytest.raises(openai.NotFoundError):
+        complete(app, "x", model="nope")
+    exported = {name for name, _ in settled(app)}
+    assert len(used) >= 15 and used <= exported, used - exported
 
 
 def test_healthz_is_503_while_a_cell_reloads(app):
