@@ -2,9 +2,11 @@
 served by Ray Serve (one cell, gRPC on 127.0.0.1) over each cell transport (compiled graph with
 pipelining off and on, plain actor calls, models in the cell's process), for demo-l alone and the
 three targets mixed, modes ar and s2d, at several concurrencies; plus the draft's and the targets'
-busy fractions in the cell. A benchmark, not a test.
+busy fractions in the cell. `--protocols grpc,http` also sends the same requests through the
+OpenAI HTTP API (the official client), for what the HTTP ingress costs against gRPC. A benchmark,
+not a test.
 
-    python benchmarks/serve_bench.py --config demo [--max-tokens 32] [--concurrency 1,8,32] [--out runs/serve]
+    python benchmarks/serve_bench.py --config demo [--max-tokens 32] [--concurrency 1,8,32] [--protocols grpc,http] [--out runs/serve]
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from deployments.local import deploy, serve_locally, shutdown
+from deployments.local import deploy, free_port, serve_locally, shutdown
 from s2d.bench import code_prompts, heldout_code
 from s2d.client import S2DClient
 from s2d.config import SamplingParams, load_config
@@ -53,6 +55,15 @@ def served(client: S2DClient, work, concurrency: int, max_tokens: int, mode: str
     return sum(len(r.token_ids) for r in rs) / (time.perf_counter() - t0)
 
 
+def served_http(client, work, concurrency: int, max_tokens: int, mode: str) -> float:
+    """The same over the OpenAI API: greedy completions of raw prompts, as the gRPC requests are."""
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        rs = list(pool.map(lambda tp: client.completions.create(
+            model=tp[0], prompt=tp[1], max_tokens=max_tokens, temperature=0, extra_body={"mode": mode}), work))
+    return sum(r.usage.completion_tokens for r in rs) / (time.perf_counter() - t0)
+
+
 def cell_stats() -> dict:
     from ray import serve
 
@@ -74,6 +85,7 @@ def main():
     ap.add_argument("--workloads", default="demo-l,mixed")
     ap.add_argument("--served", default="compiled_graph,compiled_graph+pipeline,in_process",
                     help="cell transports to serve with (compiled_graph | actor_calls | in_process, +pipeline)")
+    ap.add_argument("--protocols", default="grpc", help="grpc and/or http (the OpenAI API)")
     ap.add_argument("--out", default=None, help="folder for results.json and results.md")
     a = ap.parse_args()
     cfg = load_config(a.config)
@@ -91,27 +103,37 @@ def main():
         print(w, m, c, "in-process", round(rows[w, m, c]["in-process"], 1), flush=True)
     del engine
 
-    address = None
-    variants = a.served.split(",")
-    for variant in variants:
-        transport, _, pipeline = variant.partition("+")
+    address, http_port = None, free_port()
+    protocols = a.protocols.split(",")
+    transports = a.served.split(",")
+    variants = [t if p == "grpc" else f"{t} http" for t in transports for p in protocols]
+    for cell_variant in transports:
+        transport, _, pipeline = cell_variant.partition("+")
         data = cfg.model_dump()
         for cell in data["cells"]:
             cell["pipeline"], cell["transport"] = bool(pipeline), transport
-        path = Path(f"/tmp/s2d-serve-bench-{variant}.yaml")
+        path = Path(f"/tmp/s2d-serve-bench-{cell_variant}.yaml")
         path.write_text(yaml.safe_dump(data))
         if address is None:
-            address = serve_locally(str(path))
+            address = serve_locally(str(path), http_port=http_port)
         else:
             deploy(str(path))
-        client = S2DClient(address, timeout=600)
-        served(client, jobs(prompts, WORKLOADS[workloads[0]], 2), 2, 8, "s2d")  # warm-up
-        for w, m, c in cases:
-            reset_cell_stats()
-            rows[w, m, c][variant] = served(client, jobs(prompts, WORKLOADS[w], n_of[c]), c, a.max_tokens, m)
-            rows[w, m, c][variant + " busy"] = cell_stats()["busy_fraction"]
-            print(w, m, c, variant, round(rows[w, m, c][variant], 1), rows[w, m, c][variant + " busy"], flush=True)
-        client.close()
+        for protocol in protocols:
+            variant = cell_variant if protocol == "grpc" else f"{cell_variant} http"
+            if protocol == "grpc":
+                client, send = S2DClient(address, timeout=600), served
+            else:
+                from openai import OpenAI
+
+                client = OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="unused", timeout=600, max_retries=0)
+                send = served_http
+            send(client, jobs(prompts, WORKLOADS[workloads[0]], 2), 2, 8, "s2d")  # warm-up
+            for w, m, c in cases:
+                reset_cell_stats()
+                rows[w, m, c][variant] = send(client, jobs(prompts, WORKLOADS[w], n_of[c]), c, a.max_tokens, m)
+                rows[w, m, c][variant + " busy"] = cell_stats()["busy_fraction"]
+                print(w, m, c, variant, round(rows[w, m, c][variant], 1), rows[w, m, c][variant + " busy"], flush=True)
+            client.close()
     shutdown()
 
     md = [f"{a.max_tokens} new tokens per request, greedy, held-out code prompts; requests per run: "

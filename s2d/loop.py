@@ -53,14 +53,13 @@ class EngineLoop:
             admitted.add_done_callback(lambda f: f.exception() or self.inbox.put(("abort", f.result())))
             raise
         timeout = req.deadline_s(self.scheduler.limits)  # the scheduler has checked the request
-        deadline = started + timeout
+        # the deadline arrives as an item of the request's queue: no timer per delta
+        timer = loop.call_at(started + timeout, out.put_nowait,
+                             DeadlineExceeded(f"the request ran past its deadline of {timeout:g} s"))
         try:
             pending = None
             while True:
-                try:
-                    item = await asyncio.wait_for(out.get(), max(deadline - loop.time(), 0))
-                except asyncio.TimeoutError:
-                    raise DeadlineExceeded(f"the request ran past its deadline of {timeout:g} s") from None
+                item = await out.get()
                 while True:
                     if isinstance(item, Exception):
                         raise item
@@ -77,6 +76,7 @@ class EngineLoop:
                     yield pending
                     pending = None
         finally:
+            timer.cancel()
             self.inbox.put(("abort", seq_id))
 
     def shutdown(self):
