@@ -33,8 +33,13 @@ class Cell:
                                report=LoadMetrics().report)
 
     def ready(self) -> bool:
-        """Answers once the constructor has returned: the models are loaded (the health check)."""
+        """Answers once the constructor has returned: the models are loaded (the ingress's /healthz)."""
         return self.loop.thread.is_alive()
+
+    def check_health(self):
+        """Serve's periodic check: a replica whose scheduler thread stopped is replaced."""
+        if not self.loop.thread.is_alive():
+            raise RuntimeError("the scheduler thread has stopped")
 
     async def generate(self, req: Request, resume: list[int], final_only: bool = False) -> AsyncIterator[Delta]:
         """The request's deltas (one at the end with `final_only`, for unary RPCs)."""

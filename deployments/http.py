@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from s2d import openai_api as oa
+from s2d.request import internal_message
 
 log = logging.getLogger("ray.serve")
 
@@ -22,7 +23,12 @@ app = FastAPI(title="s2d", description="OpenAI-compatible API of s2d: several ta
 
 
 def error_response(e: oa.APIError) -> JSONResponse:
-    headers = {"Retry-After": "1"} if e.status in (429, 503) else None
+    if e.status in (429, 503):
+        headers = {"Retry-After": "1"}
+    elif e.status >= 500:  # a deadline or the engine's failure on this request: the same would happen again
+        headers = {"x-should-retry": "false"}  # the openai client retries 5xx otherwise
+    else:
+        headers = None
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 
@@ -39,17 +45,17 @@ async def _validation_error(request: Request, e: RequestValidationError):
 
 class OpenAIRoutes:
     """Mixed into the ingress deployment (S2DRouter), which provides cfg, targets, started,
-    metrics, cell_of, cells_ready() and _deltas()."""
+    cell_of, cells_ready(), count_failure() and _deltas()."""
 
     @app.get("/v1/models")
     async def list_models(self):
         return oa.models(self.targets, self.started)
 
-    @app.get("/v1/models/{model}")
+    @app.get("/v1/models/{model:path}")  # target names may hold a /
     async def get_model(self, model: str):
         if model not in self.cell_of:
-            return self._error(oa.APIError(404, f"model: the model {model!r:.140} does not exist; known: {self.targets}",
-                                           param="model", code="model_not_found"), "")
+            return error_response(oa.APIError(404, f"model: the model {model!r:.140} does not exist; known: "
+                                              f"{self.targets}", param="model", code="model_not_found"))
         return oa.models([model], self.started)["data"][0]
 
     @app.post("/v1/completions")
@@ -88,7 +94,7 @@ class OpenAIRoutes:
         d, is_first = first, True
         try:
             while True:
-                if d.text or is_first or d.finished:
+                if d.text or is_first:
                     yield oa.sse(oa.chunk(call, d.text, first=is_first))
                     is_first = False
                 if d.finished:
@@ -100,15 +106,16 @@ class OpenAIRoutes:
         except Exception as e:  # noqa: BLE001 - the stream has started: the error is its last event
             err = self._api_error(e, call.request.target)
             yield oa.sse(err.body())
+        finally:
+            await deltas.aclose()
         yield oa.sse("[DONE]")
 
     def _api_error(self, e: BaseException, target: str) -> oa.APIError:
         err = oa.as_api_error(e)
         if err is None:  # a bug: the message names it without a traceback, the log has one
             log.error("request failed", exc_info=e)
-            cause = getattr(e, "cause", None) or e
-            err = oa.APIError(500, f"internal error: {type(cause).__name__}: {cause}"[:1000], "server_error")
-        self.metrics.failed_request(target if target in self.cell_of else "(unknown)", err.code or str(err.status))
+            err = oa.APIError(500, internal_message(e), "server_error")
+        self.count_failure(target, "http", err.code or str(err.status))
         return err
 
     def _error(self, e: BaseException, target: str) -> JSONResponse:

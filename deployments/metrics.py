@@ -23,6 +23,10 @@ def _counter(name: str, doc: str, *tags: str) -> Counter:
     return Counter(name, description=doc, tag_keys=("target", *tags))
 
 
+def _histogram(name: str, doc: str, boundaries: list[float]) -> Histogram:
+    return Histogram(name, description=doc, boundaries=boundaries, tag_keys=("target",))
+
+
 def _gauge(name: str, doc: str, *tags: str) -> Gauge:
     return Gauge(name, description=doc, tag_keys=tags)
 
@@ -39,18 +43,19 @@ class RequestMetrics:
         self.per_exit = _counter("s2d_spec_decode_num_draft_tokens_per_exit",
                                  "Drafted tokens per draft exit (layer depth) they left the draft at", "exit")
         self.forwards = _counter("s2d_target_forwards", "Target forwards that emitted tokens (verify rounds)")
-        self.tokens = _counter("s2d_generation_tokens", "Tokens emitted (bonus tokens included)")
+        self.tokens = _counter("s2d_generation_tokens", "Completion tokens returned to clients")
+        self.emitted = _counter("s2d_verified_tokens", "Tokens the verify rounds produced, bonus tokens and those "
+                                "past an end (EOS, stop, max_tokens) included: MAT = this / target_forwards")
         self.prompt_tokens = _counter("s2d_prompt_tokens", "Prompt tokens of finished requests")
         self.finished = _counter("s2d_requests_finished", "Finished requests", "finish_reason")
-        self.failed = Counter("s2d_requests_failed", description="Requests ended with an error, by status",
-                              tag_keys=("target", "status"))
-        hist = lambda name, doc, bounds: Histogram(name, description=doc, boundaries=bounds, tag_keys=("target",))  # noqa: E731
-        self.ttft = hist("s2d_time_to_first_token_seconds", "Arrival in the scheduler to the first token", LATENCY_S)
-        self.itl = hist("s2d_inter_token_latency_seconds",
+        self.failed = Counter("s2d_requests_failed", description="Requests ended with an error, by protocol and "
+                              "status (gRPC status names, OpenAI error codes)", tag_keys=("target", "protocol", "status"))
+        self.ttft = _histogram("s2d_time_to_first_token_seconds", "Arrival in the scheduler to the first token", LATENCY_S)
+        self.itl = _histogram("s2d_inter_token_latency_seconds",
                         "Gap between a request's rounds that emitted tokens (one round may emit several)", ITL_S)
-        self.e2e = hist("s2d_e2e_request_latency_seconds", "Arrival in the scheduler to the last token", LATENCY_S)
-        self.queue = hist("s2d_request_queue_seconds", "Arrival in the scheduler to admission (a KV slot)", LATENCY_S)
-        self.mat = hist("s2d_mean_accepted_tokens", "Per request: tokens emitted per target forward (MAT)", MAT)
+        self.e2e = _histogram("s2d_e2e_request_latency_seconds", "Arrival in the scheduler to the last token", LATENCY_S)
+        self.queue = _histogram("s2d_request_queue_seconds", "Arrival in the scheduler to admission (a KV slot)", LATENCY_S)
+        self.mat = _histogram("s2d_mean_accepted_tokens", "Per request: tokens emitted per target forward (MAT)", MAT)
 
     def finished_request(self, target: str, finish_reason: str, usage: dict, stats: dict, timing: dict | None):
         try:
@@ -58,9 +63,9 @@ class RequestMetrics:
         except Exception:  # noqa: BLE001 - metrics never fail a request
             log.exception("recording the metrics of a request failed")
 
-    def failed_request(self, target: str, status: str):
+    def failed_request(self, target: str, protocol: str, status: str):
         try:
-            self.failed.inc(1, tags={"target": target or "", "status": status})
+            self.failed.inc(1, tags={"target": target, "protocol": protocol, "status": status})
         except Exception:  # noqa: BLE001
             log.exception("recording a failed request failed")
 
@@ -69,7 +74,8 @@ class RequestMetrics:
         proposed, accepted_at = stats.get("proposed_at", []), stats.get("accepted_at", [])
         for counter, value in ((self.drafts, proposed[0] if proposed else 0), (self.draft_tokens, stats["drafted"]),
                                (self.accepted, stats["accepted"]), (self.forwards, stats["target_forwards"]),
-                               (self.tokens, stats["emitted"]), (self.prompt_tokens, usage["prompt_tokens"])):
+                               (self.emitted, stats["emitted"]), (self.tokens, usage["completion_tokens"]),
+                               (self.prompt_tokens, usage["prompt_tokens"])):
             if value:  # Ray counters take only positive increments
                 counter.inc(value, tags=t)
         for pos, n in enumerate(accepted_at):

@@ -25,7 +25,7 @@ from s2d.draft import read_exits
 from s2d.proto import s2d_pb2 as pb
 from s2d.proto.servicer import Undecodable
 from s2d.request import (DeadlineExceeded, DuplicateRequest, Overloaded, Request, RequestError, RequestFailed,
-                         Unavailable, UnknownTarget, parse_request)
+                         Unavailable, UnknownTarget, cause_of, internal_message, parse_request)
 
 log = logging.getLogger("ray.serve")
 REPLICA_LOST = (ActorDiedError, ActorUnavailableError, RayActorError)
@@ -164,6 +164,8 @@ class S2DRouter(OpenAIRoutes):
                     if d.finished:
                         self.metrics.finished_request(req.target, d.finish_reason, d.usage, d.stats, d.timing)
                     yield d
+                    if d.finished:  # never resent once answered, even if the replica dies now
+                        return
                 return
             except REPLICA_LOST as e:
                 deadline = deadline or time.monotonic() + RETRY_WINDOW_S
@@ -171,18 +173,25 @@ class S2DRouter(OpenAIRoutes):
                     raise Unavailable(f"no cell replica answered for {RETRY_WINDOW_S:.0f} s: {e}") from e
                 log.warning("cell replica lost during %s after %d tokens; resending", req.request_id, len(streamed))
                 await asyncio.sleep(0.5)
-                req.timeout_s = max(timeout - (time.monotonic() - started), 1e-3)
+                left = timeout - (time.monotonic() - started)
+                if left <= 0:
+                    raise DeadlineExceeded(f"the request ran past its deadline of {timeout:g} s") from e
+                req.timeout_s = left
 
     def _fail(self, grpc_context, e: Exception, target: str = "") -> Refused:
         """Set the status that names the problem; the caller raises what this returns."""
-        cause = getattr(e, "cause", None) or e  # a cell's error arrives wrapped in a RayTaskError
+        cause = cause_of(e)
         code = next((c for cls, c in STATUS if isinstance(cause, cls)), None)
         if code is None:  # a bug: the details name it without a traceback, the log has one
             log.error("request failed", exc_info=e)
-            code, details = grpc.StatusCode.INTERNAL, f"internal error: {type(cause).__name__}: {cause}"
+            code, details = grpc.StatusCode.INTERNAL, internal_message(e)
         else:
             details = str(cause)
         grpc_context.set_code(code)
         grpc_context.set_details(details[:1000])
-        self.metrics.failed_request(target if target in self.cell_of else "(unknown)", code.name.lower())
+        self.count_failure(target, "grpc", code.name.lower())
         return Refused(details)
+
+    def count_failure(self, target: str, protocol: str, status: str):
+        """A refused or failed request in the metrics; targets no cell hosts count as one label."""
+        self.metrics.failed_request(target if target in self.cell_of else "(unknown)", protocol, status)

@@ -97,8 +97,9 @@ class Limits(Strict):
     max_messages: int = Field(256, ge=1)  # chat messages per request
     max_request_bytes: int = Field(1 << 20, ge=1024)  # a request's text (prompt, messages, stop) or wire message
     max_waiting: int = Field(256, ge=1)  # requests queued past the KV slots before the engine refuses (overload)
-    # a request's deadline, queueing included: past it the request ends (DEADLINE_EXCEEDED, HTTP 504)
-    # and frees its caches; a request may ask a shorter one (HTTP `timeout_s`, a gRPC deadline)
+    # a served request's deadline from its arrival in the cell, queueing included: past it the request
+    # ends (DEADLINE_EXCEEDED, HTTP 504) and frees its caches. HTTP requests may ask a shorter one
+    # (`timeout_s`); a gRPC client's own deadline cancels the call, which frees them too.
     max_request_s: float = Field(600.0, gt=0, allow_inf_nan=False)
 
 

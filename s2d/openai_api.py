@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from s2d.config import Limits
 from s2d.request import (DeadlineExceeded, DuplicateRequest, Overloaded, Request, RequestError, RequestFailed,
-                         Unavailable, UnknownTarget, parse_request)
+                         Unavailable, UnknownTarget, cause_of, parse_request)
 
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the server's limit
 
@@ -52,7 +52,7 @@ def param_of(field: str) -> str:
 
 def as_api_error(e: BaseException) -> APIError | None:
     """The OpenAI error for an s2d error; None for a bug (the caller answers 500 and logs it)."""
-    cause = getattr(e, "cause", None) or e  # a cell's error arrives wrapped in a RayTaskError
+    cause = cause_of(e)
     if isinstance(cause, APIError):
         return cause
     if isinstance(cause, UnknownTarget):
@@ -93,6 +93,11 @@ def read_body(raw: bytes, limits: Limits) -> dict:
     return data
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    include_usage: bool = False
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
@@ -103,17 +108,12 @@ class _Body(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool | None = None
-    stream_options: "StreamOptions | None" = None
+    stream_options: StreamOptions | None = None
     # extensions
     mode: str | None = None
     top_k: int | None = None
     ignore_eos: bool | None = None
     timeout_s: float | None = None
-
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    include_usage: bool = False
 
 
 class CompletionBody(_Body):
@@ -127,9 +127,18 @@ class TextPart(BaseModel):
 
 
 class Message(BaseModel):
+    """A chat message. What a client sends back of an earlier answer (`message.model_dump()`) is
+    accepted: `name` (the templates s2d serves do not read it) and the empty tool fields."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
     role: str
-    content: str | list[TextPart]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    refusal: str | None = None
+    tool_calls: list | None = None
+    function_call: dict | None = None
+    audio: dict | None = None
+    annotations: list | None = None
 
 
 class ChatBody(_Body):
@@ -175,8 +184,7 @@ def parse_call(data: dict, chat: bool, limits: Limits) -> Call:
         if body.max_tokens is not None and body.max_completion_tokens is not None:
             raise APIError(400, "max_completion_tokens: give it or max_tokens, not both", param="max_completion_tokens")
         max_tokens = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
-        fields["messages"] = [{"role": m.role, "content": _text(m.content, f"messages.{i}.content")}
-                              for i, m in enumerate(body.messages)]
+        fields["messages"] = [_message(m, i) for i, m in enumerate(body.messages)]
         default = limits.max_new_tokens
     else:
         prompt = body.prompt
@@ -197,6 +205,16 @@ def parse_call(data: dict, chat: bool, limits: Limits) -> Call:
     prefix = "chatcmpl" if chat else "cmpl"
     return Call(req, chat, body.model, bool(body.stream), bool(opts and opts.include_usage),
                 f"{prefix}-{uuid.uuid4().hex}", int(time.time()))
+
+
+def _message(m: Message, i: int) -> dict:
+    for key in ("tool_calls", "function_call", "audio"):
+        if getattr(m, key):
+            raise APIError(400, f"messages.{i}.{key}: not supported by s2d", param=f"messages.{i}.{key}",
+                           code="unsupported")
+    if m.content is None and m.role != "assistant":
+        raise APIError(400, f"messages.{i}.content: required", param=f"messages.{i}.content")
+    return {"role": m.role, "content": _text(m.content or "", f"messages.{i}.content")}
 
 
 def _text(content: str | list[TextPart], param: str) -> str:
@@ -231,8 +249,9 @@ def chunk(call: Call, text: str, finish_reason: str | None = None, first: bool =
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
     else:
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-    return {"id": call.id, "object": "chat.completion.chunk" if call.chat else "text_completion",
-            "created": call.created, "model": call.model, "choices": [choice]}
+    out = {"id": call.id, "object": "chat.completion.chunk" if call.chat else "text_completion",
+           "created": call.created, "model": call.model, "choices": [choice]}
+    return out | {"usage": None} if call.include_usage else out  # as OpenAI: null until the last chunk
 
 
 def usage_chunk(call: Call, u: dict) -> dict:

@@ -50,6 +50,17 @@ class DeadlineExceeded(RuntimeError):
     """The request ran past its deadline (Request.timeout_s, at most Limits.max_request_s)."""
 
 
+def cause_of(e: BaseException) -> BaseException:
+    """The error itself: a cell's error arrives at the ingress wrapped in a RayTaskError."""
+    return getattr(e, "cause", None) or e
+
+
+def internal_message(e: BaseException) -> str:
+    """What a client is told of an error s2d did not expect (a bug): its name, no traceback."""
+    cause = cause_of(e)
+    return f"internal error: {type(cause).__name__}: {cause}"[:1000]
+
+
 @dataclass
 class Request:
     target: str
@@ -59,7 +70,7 @@ class Request:
     mode: str = "s2d"  # s2d | ar | fixed:E (E an exit depth of the draft)
     raw: bool = False  # skip the chat template for `prompt`
     request_id: str | None = None
-    timeout_s: float | None = None  # the deadline, from admission; None: Limits.max_request_s
+    timeout_s: float | None = None  # served: the deadline from arrival in the cell; None: Limits.max_request_s
     fit_context: bool = False  # max_tokens was not asked: shorten it to what the context leaves
 
     def deadline_s(self, limits: Limits) -> float:

@@ -160,6 +160,22 @@ def test_stats_count_what_happened(engine):
     assert len(s["acceptance_per_position"]) <= 5
 
 
+def test_load_counts_running_and_waiting_requests_and_slots(engine):
+    """What the cells' gauges export (deployments/metrics.py LoadMetrics)."""
+    seqs = [engine.scheduler.add(Request(target="small", prompt=p, params=greedy(4))) for p in PROMPTS[:10]]
+    seqs.append(engine.scheduler.add(Request(target="large", prompt="x", params=greedy(4))))
+    load = engine.scheduler.load()
+    assert load["targets"]["small"] == {"running": 8, "waiting": 2, "kv_slots_used": 8, "kv_slots_total": 8}
+    assert load["targets"]["large"]["waiting"] == 1 and load["draft"] == {"kv_slots_used": 8, "kv_slots_total": 8}
+    assert set(load["policy"]) == {(t, k) for t in ("small", "large") for k in ("greedy", "sampled")}
+    while any(not s.finished for s in seqs):
+        engine.step()
+    engine.step()  # releases the last slots
+    load = engine.scheduler.load()
+    assert all(v["running"] == v["waiting"] == 0 for v in load["targets"].values())
+    assert load["breakdown_s"]["verify"] > 0
+
+
 def test_config_errors_name_the_field(tmp_path, family):
     bad = {"draft": {"path": str(family["draft"])}, "targets": [{"name": "a", "path": "x", "profile": {"k_max": 0}}]}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(bad))

@@ -64,7 +64,7 @@ class App:
         summed over replicas and workers."""
         text = requests.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).text
         out: Counter = Counter()
-        keep = {"target", "exit", "position", "finish_reason", "status", "part", "le", "kind", "exit_index"}
+        keep = {"target", "exit", "position", "finish_reason", "protocol", "status", "part", "le", "kind", "exit_index"}
         for fam in text_string_to_metric_families(text):
             for s in fam.samples:
                 if s.name.startswith("ray_s2d_"):
@@ -224,7 +224,7 @@ BODIES = [  # (what, body bytes, status, the parameter the message names)
 @pytest.mark.parametrize("what,body,status,param", BODIES, ids=[b[0] for b in BODIES])
 def test_bad_bodies_get_a_4xx_that_names_the_problem_and_the_server_keeps_serving(app, what, body, status, param):
     for stream in (False, True):
-        raw = body.replace(b'"prompt"', b'"stream": true, "prompt"', 1) if stream else body
+        raw = body.replace(b"{", b'{"stream": true, ', 1) if stream else body
         r = app.post("/v1/completions", raw)
         assert r.status_code == status, (what, r.status_code, r.text[:300])
         err = r.json()["error"]
@@ -255,6 +255,10 @@ def test_deadline_is_504_before_and_an_error_event_after_the_first_token(app):
                           extra_body={"timeout_s": 0.3, "mode": "ar", "ignore_eos": True}):
             got.append(c)
     assert got and "deadline" in str(e.value)
+    r = app.post("/v1/completions", {"model": "large", "prompt": "x", "max_tokens": 200, "timeout_s": 0.05})
+    assert r.status_code == 504 and r.headers["x-should-retry"] == "false"  # the openai client retries 5xx else
+    running = {k: v for k, v in settled(app).items() if k[0] == "ray_s2d_num_requests_running"}
+    assert running and not any(running.values()), running  # the deadline freed the slots
     assert complete(app, "def ", max_tokens=2).choices  # still serving
 
 
@@ -285,22 +289,28 @@ def settled(app, timeout: float = 30) -> dict:
     raise AssertionError("the metrics never settled")
 
 
-def expected_increase(results: list[tuple[str, str, dict]]) -> Counter:
-    """The counters' increase that the returned (target, finish_reason, stats) add up to."""
+def expected_increase(results: list[tuple[str, str, dict, dict]]) -> Counter:
+    """The counters' increase that the returned (target, finish_reason, usage, stats) add up to,
+    and the histograms' counts: one per request, ITL one per round after the first."""
     want: Counter = Counter()
-    for target, finish_reason, st in results:
+    for target, finish_reason, usage, st in results:
         t = (("target", target),)
         want["ray_s2d_spec_decode_num_drafts_total", t] += st["proposed_at"][0] if st["proposed_at"] else 0
         want["ray_s2d_spec_decode_num_draft_tokens_total", t] += st["drafted"]
         want["ray_s2d_spec_decode_num_accepted_tokens_total", t] += st["accepted"]
         want["ray_s2d_target_forwards_total", t] += st["target_forwards"]
-        want["ray_s2d_generation_tokens_total", t] += st["emitted"]
+        want["ray_s2d_verified_tokens_total", t] += st["emitted"]
+        want["ray_s2d_generation_tokens_total", t] += usage["completion_tokens"]
+        want["ray_s2d_prompt_tokens_total", t] += usage["prompt_tokens"]
         for pos, n in enumerate(st["accepted_at"]):
             want["ray_s2d_spec_decode_num_accepted_tokens_per_pos_total", (("position", str(pos)),) + t] += n
         for depth, n in st["exit_histogram"].items():
             want["ray_s2d_spec_decode_num_draft_tokens_per_exit_total", (("exit", str(depth)),) + t] += n
         want["ray_s2d_requests_finished_total", (("finish_reason", finish_reason),) + t] += 1
-        want["ray_s2d_time_to_first_token_seconds_count", t] += 1
+        for hist in ("time_to_first_token", "e2e_request_latency", "request_queue"):
+            want[f"ray_s2d_{hist}_seconds_count", t] += 1
+        want["ray_s2d_mean_accepted_tokens_count", t] += 1
+        want["ray_s2d_inter_token_latency_seconds_count", t] += st["target_forwards"] - 1
     return Counter({k: v for k, v in want.items() if v})
 
 
@@ -321,13 +331,15 @@ def test_counters_increase_by_exactly_the_returned_stats(app):
                                         ("small", "fixed:2"), ("large", "ar")] * 2):
         r = complete(app, PROMPTS[10 + i], model=target, max_tokens=20, temperature=0.8 * (i % 2), seed=i,
                      extra_body={"mode": mode})
-        results.append((target, r.choices[0].finish_reason, r.model_extra["s2d_stats"]))
-    stream = list(complete(app, PROMPTS[31], model="small", max_tokens=20, stream=True))
+        results.append((target, r.choices[0].finish_reason, r.usage.model_dump(), r.model_extra["s2d_stats"]))
+    stream = list(complete(app, PROMPTS[31], model="small", max_tokens=20, stream=True,
+                           stream_options={"include_usage": True}))
     end = next(c for c in stream if c.choices and c.choices[0].finish_reason)
-    results.append(("small", end.choices[0].finish_reason, end.model_extra["s2d_stats"]))
+    results.append(("small", end.choices[0].finish_reason, stream[-1].usage.model_dump(), end.model_extra["s2d_stats"]))
     for mode in ("s2d", "fixed:2"):
         g = app.grpc.generate("large", PROMPTS[30], max_tokens=20, mode=mode)
-        results.append(("large", g.finish_reason, grpc_stats(g)))
+        usage = {"prompt_tokens": g.usage.prompt_tokens, "completion_tokens": g.usage.completion_tokens}
+        results.append(("large", g.finish_reason, usage, grpc_stats(g)))
     want = expected_increase(results)
     assert sum(v for (name, _), v in want.items() if "per_exit" in name) > 0, "nothing was drafted"
     after = settled(app)
@@ -352,9 +364,9 @@ def test_failed_requests_are_counted_by_status(app):
     with pytest.raises(grpc.RpcError):
         app.grpc.generate("small", "x", temperature=-1.0)
     after = settled(app)
-    key = lambda t, s: ("ray_s2d_requests_failed_total", (("status", s), ("target", t)))  # noqa: E731
-    assert after[key("(unknown)", "model_not_found")] - before.get(key("(unknown)", "model_not_found"), 0) == 1
-    assert after[key("small", "invalid_argument")] - before.get(key("small", "invalid_argument"), 0) == 1
+    for target, protocol, status in [("(unknown)", "http", "model_not_found"), ("small", "grpc", "invalid_argument")]:
+        key = ("ray_s2d_requests_failed_total", (("protocol", protocol), ("status", status), ("target", target)))
+        assert after[key] - before.get(key, 0) == 1, key
 
 
 def test_every_metric_of_the_grafana_dashboard_is_exported(app):
