@@ -56,7 +56,8 @@ def as_api_error(e: BaseException) -> APIError | None:
     if isinstance(cause, APIError):
         return cause
     if isinstance(cause, UnknownTarget):
-        return APIError(404, f"model: {cause.message}", param="model", code="model_not_found")
+        return APIError(404, f"model: {cause.message.replace('unknown target', 'unknown model', 1)}", param="model",
+                        code="model_not_found")
     if isinstance(cause, DuplicateRequest):
         return APIError(409, str(cause), param=param_of(cause.field), code="duplicate_request")
     if isinstance(cause, RequestError):
