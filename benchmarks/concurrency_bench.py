@@ -28,16 +28,16 @@ from s2d.metrics import Breakdown
 
 
 def run_batch(engine: Engine, target: str, prompts: list[str], mode: str, temp: float, max_tokens: int,
-              seed: int) -> tuple[int, float, dict]:
-    """Tokens and seconds of one batch run to completion, and its per-round breakdown."""
+              seed: int, breakdown: Breakdown | None = None) -> tuple[int, float]:
+    """Tokens and seconds of one batch run to completion; its ticks add to `breakdown`."""
     reqs = [Request(target=target, prompt=p, mode=mode,
                     params=SamplingParams(temperature=temp, max_tokens=max_tokens, seed=seed + i, ignore_eos=True))
             for i, p in enumerate(prompts)]
-    engine.scheduler.breakdown = Breakdown()
+    engine.scheduler.breakdown = breakdown or Breakdown()
     t0 = time.perf_counter()
     res = engine.generate(reqs)
     dt = time.perf_counter() - t0
-    return sum(len(r["token_ids"]) for r in res), dt, engine.scheduler.breakdown.to_dict()
+    return sum(len(r["token_ids"]) for r in res), dt
 
 
 def sweep(engine: Engine, targets, levels, temps, prompts, n_requests: int, max_tokens: int) -> list[dict]:
@@ -53,14 +53,9 @@ def sweep(engine: Engine, targets, levels, temps, prompts, n_requests: int, max_
                 for r in range(reps):
                     batch = [prompts[(r * c + i) % len(prompts)] for i in range(c)]
                     for m in (("ar", "s2d") if r % 2 == 0 else ("s2d", "ar")):
-                        toks, secs, bd = run_batch(engine, target, batch, m, temp, max_tokens, 1000 * r)
-                        a = acc[m]
-                        a[0] += toks
-                        a[1] += secs
-                        a[2].ticks += bd["ticks"]
-                        a[2].wall_s += bd["ms_per_tick"] * bd["ticks"] / 1000
-                        a[2].draft_s += bd["draft_ms"] * bd["ticks"] / 1000
-                        a[2].verify_s += bd["verify_ms"] * bd["ticks"] / 1000
+                        toks, secs = run_batch(engine, target, batch, m, temp, max_tokens, 1000 * r, acc[m][2])
+                        acc[m][0] += toks
+                        acc[m][1] += secs
                 tps = {m: a[0] / a[1] for m, a in acc.items()}
                 pol = engine.scheduler.policy.to_dict()[target if temp == 0 else f"{target} (sampled)"]
                 rows.append({"target": target, "temperature": temp, "concurrency": c, "requests": reps * c,

@@ -47,21 +47,30 @@ def in_process(engine: Engine, work, concurrency: int, max_tokens: int, mode: st
     return tokens / (time.perf_counter() - t0)
 
 
-def served(client: S2DClient, work, concurrency: int, max_tokens: int, mode: str) -> float:
-    """`concurrency` clients, each sending its requests one after another."""
+def served(send, work, concurrency: int) -> float:
+    """`concurrency` clients, each sending its requests one after another; `send((target, prompt))`
+    answers the tokens one request got."""
     t0 = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        rs = list(pool.map(lambda tp: client.generate(tp[0], tp[1], max_tokens=max_tokens, mode=mode), work))
-    return sum(len(r.token_ids) for r in rs) / (time.perf_counter() - t0)
+        tokens = sum(pool.map(send, work))
+    return tokens / (time.perf_counter() - t0)
 
 
-def served_http(client, work, concurrency: int, max_tokens: int, mode: str) -> float:
-    """The same over the OpenAI API: greedy completions of raw prompts, as the gRPC requests are."""
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        rs = list(pool.map(lambda tp: client.completions.create(
-            model=tp[0], prompt=tp[1], max_tokens=max_tokens, temperature=0, extra_body={"mode": mode}), work))
-    return sum(r.usage.completion_tokens for r in rs) / (time.perf_counter() - t0)
+def sender(protocol: str, address: str, http_port: int):
+    """A client of the served app and its send(job, max_tokens, mode) -> tokens: gRPC, or the
+    OpenAI API (greedy completions of raw prompts, as the gRPC requests are)."""
+    if protocol == "grpc":
+        client = S2DClient(address, timeout=600)
+        return client, lambda job, n, mode: len(client.generate(*job, max_tokens=n, mode=mode).token_ids)
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="unused", timeout=600, max_retries=0)
+    return client, lambda job, n, mode: client.completions.create(
+        model=job[0], prompt=job[1], max_tokens=n, temperature=0, extra_body={"mode": mode}).usage.completion_tokens
+
+
+def column(transport: str, protocol: str) -> str:
+    return transport if protocol == "grpc" else f"{transport} http"
 
 
 def cell_stats() -> dict:
@@ -106,7 +115,7 @@ def main():
     address, http_port = None, free_port()
     protocols = a.protocols.split(",")
     transports = a.served.split(",")
-    variants = [t if p == "grpc" else f"{t} http" for t in transports for p in protocols]
+    variants = [column(t, p) for t in transports for p in protocols]
     for cell_variant in transports:
         transport, _, pipeline = cell_variant.partition("+")
         data = cfg.model_dump()
@@ -119,18 +128,13 @@ def main():
         else:
             deploy(str(path))
         for protocol in protocols:
-            variant = cell_variant if protocol == "grpc" else f"{cell_variant} http"
-            if protocol == "grpc":
-                client, send = S2DClient(address, timeout=600), served
-            else:
-                from openai import OpenAI
-
-                client = OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="unused", timeout=600, max_retries=0)
-                send = served_http
-            send(client, jobs(prompts, WORKLOADS[workloads[0]], 2), 2, 8, "s2d")  # warm-up
+            variant = column(cell_variant, protocol)
+            client, send = sender(protocol, address, http_port)
+            served(lambda job: send(job, 8, "s2d"), jobs(prompts, WORKLOADS[workloads[0]], 2), 2)  # warm-up
             for w, m, c in cases:
                 reset_cell_stats()
-                rows[w, m, c][variant] = send(client, jobs(prompts, WORKLOADS[w], n_of[c]), c, a.max_tokens, m)
+                rows[w, m, c][variant] = served(lambda job: send(job, a.max_tokens, m),
+                                                jobs(prompts, WORKLOADS[w], n_of[c]), c)
                 rows[w, m, c][variant + " busy"] = cell_stats()["busy_fraction"]
                 print(w, m, c, variant, round(rows[w, m, c][variant], 1), rows[w, m, c][variant + " busy"], flush=True)
             client.close()

@@ -6,27 +6,12 @@ drafted token through the shared draft to each exit. Median of --reps runs after
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
+from s2d.bench import median_ms
 from s2d.config import load_config
 from s2d.engine import load_draft, load_target
-
-
-def median_ms(fn, reps: int) -> float:
-    sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)  # GPU work is asynchronous
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(reps):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
 
 
 @torch.inference_mode()

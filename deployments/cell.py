@@ -32,14 +32,12 @@ class Cell:
         self.loop = EngineLoop(scheduler_for(cfg, self.executor, spec.targets, spec.pipeline), threads,
                                report=LoadMetrics().report)
 
-    def ready(self) -> bool:
-        """Answers once the constructor has returned: the models are loaded (the ingress's /healthz)."""
-        return self.loop.thread.is_alive()
-
     def check_health(self):
-        """Serve's periodic check: a replica whose scheduler thread stopped is replaced."""
+        """Serve's periodic check, and the ingress's /healthz: a replica answers once its
+        constructor has returned (the models are loaded); one whose scheduler thread stopped raises,
+        and Serve replaces it."""
         if not self.loop.thread.is_alive():
-            raise RuntimeError("the scheduler thread has stopped")
+            raise RuntimeError("the cell's scheduler thread has stopped")
 
     async def generate(self, req: Request, resume: list[int], final_only: bool = False) -> AsyncIterator[Delta]:
         """The request's deltas (one at the end with `final_only`, for unary RPCs)."""

@@ -10,12 +10,11 @@ from __future__ import annotations
 import logging
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from s2d import openai_api as oa
-from s2d.request import internal_message
+from s2d.request import UnknownTarget, internal_message
 
 log = logging.getLogger("ray.serve")
 
@@ -38,11 +37,6 @@ async def _http_error(request: Request, e: HTTPException):  # unknown paths, wro
                                       code="not_found" if e.status_code == 404 else None))
 
 
-@app.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, e: RequestValidationError):
-    return error_response(oa.APIError(400, f"request: {e.errors()[0].get('msg', 'invalid')}"))
-
-
 class OpenAIRoutes:
     """Mixed into the ingress deployment (S2DRouter), which provides cfg, targets, started,
     cell_of, cells_ready(), count_failure() and _deltas()."""
@@ -54,8 +48,7 @@ class OpenAIRoutes:
     @app.get("/v1/models/{model:path}")  # target names may hold a /
     async def get_model(self, model: str):
         if model not in self.cell_of:
-            return error_response(oa.APIError(404, f"model: the model {model!r:.140} does not exist; known: "
-                                              f"{self.targets}", param="model", code="model_not_found"))
+            return error_response(oa.as_api_error(UnknownTarget(model, self.targets)))
         return oa.models([model], self.started)["data"][0]
 
     @app.post("/v1/completions")

@@ -8,6 +8,7 @@ returned; the spec-decode counters are named after vLLM's. Each cell replica set
 the scheduler's load about once a second (s2d/loop.py)."""
 from __future__ import annotations
 
+import functools
 import logging
 
 from ray.serve.metrics import Counter, Gauge, Histogram
@@ -17,6 +18,17 @@ log = logging.getLogger("ray.serve")
 LATENCY_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300]
 ITL_S = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5]
 MAT = [1.0, 1.25, 1.5, 1.75, 2, 2.5, 3, 4, 5, 6, 8, 12, 17]
+
+
+def _never_raises(record):
+    """Metrics never fail a request: an error in recording is logged."""
+    @functools.wraps(record)
+    def safely(*args, **kw):
+        try:
+            record(*args, **kw)
+        except Exception:  # noqa: BLE001
+            log.exception("%s failed", record.__name__)
+    return safely
 
 
 def _counter(name: str, doc: str, *tags: str) -> Counter:
@@ -57,21 +69,14 @@ class RequestMetrics:
         self.queue = _histogram("s2d_request_queue_seconds", "Arrival in the scheduler to admission (a KV slot)", LATENCY_S)
         self.mat = _histogram("s2d_mean_accepted_tokens", "Per request: tokens emitted per target forward (MAT)", MAT)
 
-    def finished_request(self, target: str, finish_reason: str, usage: dict, stats: dict, timing: dict | None):
-        try:
-            self._record(target, finish_reason, usage, stats, timing or {})
-        except Exception:  # noqa: BLE001 - metrics never fail a request
-            log.exception("recording the metrics of a request failed")
-
+    @_never_raises
     def failed_request(self, target: str, protocol: str, status: str):
-        try:
-            self.failed.inc(1, tags={"target": target, "protocol": protocol, "status": status})
-        except Exception:  # noqa: BLE001
-            log.exception("recording a failed request failed")
+        self.failed.inc(1, tags={"target": target, "protocol": protocol, "status": status})
 
-    def _record(self, target: str, finish_reason: str, usage: dict, stats: dict, timing: dict):
-        t = {"target": target}
-        proposed, accepted_at = stats.get("proposed_at", []), stats.get("accepted_at", [])
+    @_never_raises
+    def finished_request(self, target: str, finish_reason: str, usage: dict, stats: dict, timing: dict | None):
+        t, timing = {"target": target}, timing or {}
+        proposed, accepted_at = stats["proposed_at"], stats["accepted_at"]
         for counter, value in ((self.drafts, proposed[0] if proposed else 0), (self.draft_tokens, stats["drafted"]),
                                (self.accepted, stats["accepted"]), (self.forwards, stats["target_forwards"]),
                                (self.emitted, stats["emitted"]), (self.tokens, usage["completion_tokens"]),
@@ -117,17 +122,15 @@ class LoadMetrics:
             t = {"target": target}
             self.running.set(v["running"], tags=t)
             self.waiting.set(v["waiting"], tags=t)
-            self.slots_used.set(v["kv_slots_used"], tags=t)
-            self.slots_total.set(v["kv_slots_total"], tags=t)
-        d = load["draft"]
-        self.slots_used.set(d["kv_slots_used"], tags={"target": "(draft)"})
-        self.slots_total.set(d["kv_slots_total"], tags={"target": "(draft)"})
+        for target, v in [*load["targets"].items(), ("(draft)", load["draft"])]:
+            self.slots_used.set(v["running"], tags={"target": target})  # a running request holds one slot
+            self.slots_total.set(v["kv_slots"], tags={"target": target})
         for (target, kind), (k, thresholds) in load["policy"].items():
             self.draft_k.set(k, tags={"target": target, "kind": kind})
             for i, x in enumerate(thresholds):
                 self.threshold.set(x, tags={"target": target, "kind": kind, "exit_index": str(i)})
-        b = load["breakdown_s"]
-        now = {"draft": b["draft"], "verify": b["verify"], "engine": max(b["wall"] - b["draft"] - b["verify"], 0.0)}
+        b = load["breakdown"]  # cumulative
+        now = {"draft": b.draft_s, "verify": b.verify_s, "engine": b.engine_s}
         for part, s in now.items():
             if s > self._last[part]:
                 self.tick_s.inc(s - self._last[part], tags={"part": part})

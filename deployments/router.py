@@ -124,14 +124,10 @@ class S2DRouter(OpenAIRoutes):
         """Per cell: "ready" once a replica has loaded its models (its constructor has returned),
         else why not."""
         async def ready(h: DeploymentHandle) -> str:
-            resp = h.ready.remote()
-
-            async def answer():
-                return await resp
-
+            resp = h.check_health.remote()
             try:
-                alive = await asyncio.wait_for(answer(), READY_TIMEOUT_S)
-                return "ready" if alive else "failed: the cell's scheduler thread has stopped"
+                await asyncio.wait_for(resp, READY_TIMEOUT_S)
+                return "ready"
             except asyncio.TimeoutError:
                 resp.cancel()
                 return f"loading: no replica answered in {READY_TIMEOUT_S:g} s"
@@ -151,7 +147,7 @@ class S2DRouter(OpenAIRoutes):
         streamed (and what is left of its deadline) if the cell replica is lost (a unary request,
         `final_only`, starts over). The last delta's figures go to the metrics before it is yielded."""
         if req.target not in self.cell_of:
-            raise UnknownTarget("target", f"unknown target {req.target!r}; known: {self.targets}")
+            raise UnknownTarget(req.target, self.targets)
         cell = self.cell_of[req.target].options(stream=True)
         streamed: list[int] = []
         deadline, started, timeout = None, time.monotonic(), req.deadline_s(self.cfg.limits)

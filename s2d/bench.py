@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import random
+import statistics
 import sysconfig
 import time
 from collections import defaultdict
 from pathlib import Path
+
+import torch
 
 from s2d.config import SamplingParams
 from s2d.engine import Engine, Request
@@ -251,3 +254,18 @@ def add_cli(sub):
     p.add_argument("--quick", action="store_true", help="1 prompt per task, 32 tokens")
     p.add_argument("--out", default="runs/bench")
     p.set_defaults(fn=cmd_bench)
+
+
+def median_ms(fn, reps: int = 30) -> float:
+    """Median milliseconds of `fn()` after a warm-up, synced on a GPU (its work is asynchronous)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(reps):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)

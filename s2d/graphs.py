@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import time
+
 import torch
 
-from s2d.model import KEY_BUCKET, Batch, CausalLM, Group, pow2_at_least
+from s2d.model import KEY_BUCKET, Batch, CausalLM, Group, pad_tokens, pow2_at_least
 
 MAX_WIDTH = 16  # tokens per row a static forward takes (verify of up to 15 drafts)
 
@@ -36,20 +38,20 @@ class StaticForward:
         self.shapes: dict[tuple[int, int, int], Shape] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
         self.replays = 0  # forwards served by this path (stats, tests)
+        self.one_device = lm.first_device == lm.last_device and len(set(lm.layer_devices)) == 1
 
     def eligible(self, slots: list[int], rows: list[list[int]]) -> bool:
-        lm = self.lm
-        return (lm.first_device == lm.last_device and len(set(lm.layer_devices)) == 1
-                and slots == list(range(len(slots))) and max(map(len, rows)) <= MAX_WIDTH)
+        return self.one_device and slots == list(range(len(slots))) and max(map(len, rows)) <= MAX_WIDTH
 
     def _shape(self, R: int, T: int, n_keys: int) -> Shape:
         key = (R, T, n_keys)
         if key not in self.shapes:
-            lm, dev = self.lm, self.lm.first_device
+            dev = self.lm.first_device
             z = torch.zeros(R, T, dtype=torch.long, device=dev)
             group = Group(0, R, T, torch.arange(R, device=dev), torch.zeros(R, 1, T, n_keys, dtype=torch.bool, device=dev),
                           n_keys, 0)
-            self.shapes[key] = Shape(z.clone(), Batch(z.clone(), z.clone(), z.clone(), [group], [T] * R))
+            tok_slots = torch.arange(R, device=dev)[:, None].expand(R, T).contiguous()  # row r is slot r
+            self.shapes[key] = Shape(z.clone(), Batch(tok_slots, z.clone(), z.clone(), [group], [T] * R))
         return self.shapes[key]
 
     def _fill(self, s: Shape, starts: list[int], rows: list[list[int]]):
@@ -62,16 +64,11 @@ class StaticForward:
         cnt = torch.tensor([len(r) for r in rows] + [0] * (R - B))
         pos = st[:, None] + torch.arange(T)
         real = torch.arange(T)[None, :] < cnt[:, None]
-        keys = torch.arange(n_keys)
-        mask = keys[None, None, :] <= pos[:, :, None]
-        if lm.window:
-            mask &= keys[None, None, :] > pos[:, :, None] - lm.window
-        mask[B:] = keys[None, None, :] == 0  # padding rows: one key, so attention stays finite
-        flat = [t for r in rows for t in r + [0] * (T - len(r))] + [0] * ((R - B) * T)
-        s.tokens.copy_(torch.tensor(flat).view(R, T), non_blocking=True)
+        mask = lm.causal_mask(pos, n_keys)
+        mask[B:] = torch.arange(n_keys) == 0  # padding rows: one key, so attention stays finite
+        s.tokens.copy_(pad_tokens(rows + [[0]] * (R - B), "cpu"), non_blocking=True)
         s.batch.pos.copy_(pos.clamp(max=lm.max_len - 1), non_blocking=True)
         s.batch.write_pos.copy_(torch.where(real, pos, torch.full_like(pos, lm.max_len)), non_blocking=True)
-        s.batch.tok_slots.copy_(torch.arange(R)[:, None].expand(R, T), non_blocking=True)
         s.batch.groups[0].mask.copy_(mask[:, None], non_blocking=True)
 
     def _layers(self, s: Shape) -> torch.Tensor:
@@ -101,5 +98,7 @@ class StaticForward:
             s.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(s.graph, pool=self.pool):
                 s.out = self._layers(s)
+        t0 = time.perf_counter()
         s.graph.replay()
+        lm.forward_s += time.perf_counter() - t0  # the layers, as run_layers counts them when eager
         return s.out[:B]

@@ -81,9 +81,12 @@ class Breakdown:
         self.draft_s += draft_s
         self.verify_s += verify_s
 
+    @property
+    def engine_s(self) -> float:
+        return max(self.wall_s - self.draft_s - self.verify_s, 0.0)
+
     def to_dict(self) -> dict:
-        n, wall = max(self.ticks, 1), max(self.wall_s, 1e-12)
-        other = max(self.wall_s - self.draft_s - self.verify_s, 0.0)
+        n, wall, other = max(self.ticks, 1), max(self.wall_s, 1e-12), self.engine_s
         return {"ticks": self.ticks, "ms_per_tick": round(1000 * self.wall_s / n, 3),
                 "draft_ms": round(1000 * self.draft_s / n, 3), "verify_ms": round(1000 * self.verify_s / n, 3),
                 "engine_ms": round(1000 * other / n, 3), "engine_share": round(other / wall, 4)}

@@ -313,6 +313,14 @@ class CausalLM(nn.Module):
         tok_slots, pos, write_pos = (torch.cat([p[i].reshape(-1) for p in parts])[None] for i in range(3))
         return Batch(tok_slots, pos.clamp(max=self.max_len - 1), write_pos, out, counts)
 
+    def causal_mask(self, pos: torch.Tensor, n_keys: int) -> torch.Tensor:
+        """[B, T, n_keys]: which cached keys each position attends to (causal, sliding window)."""
+        keys = torch.arange(n_keys, device=pos.device)
+        mask = keys[None, None, :] <= pos[:, :, None]
+        if self.window:
+            mask &= keys[None, None, :] > pos[:, :, None] - self.window
+        return mask
+
     def _group(self, start: int, slots: list[int], starts: list[int], counts: list[int]):
         dev = self.first_device
         T = max(counts)
@@ -324,10 +332,7 @@ class CausalLM(nn.Module):
         pos = st[:, None] + torch.arange(T, device=dev)
         real = torch.arange(T, device=dev)[None, :] < torch.tensor(counts, device=dev)[:, None]
         write_pos = torch.where(real, pos, torch.full_like(pos, self.max_len))
-        keys = torch.arange(n_keys, device=dev)
-        mask = keys[None, None, :] <= pos[:, :, None]
-        if self.window:
-            mask &= keys[None, None, :] > pos[:, :, None] - self.window
+        mask = self.causal_mask(pos, n_keys)
         contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
         g = Group(start, len(slots), T, torch.tensor(slots, device=dev), mask[:, None], n_keys,
                   slots[0] if contiguous else None)

@@ -56,8 +56,7 @@ def as_api_error(e: BaseException) -> APIError | None:
     if isinstance(cause, APIError):
         return cause
     if isinstance(cause, UnknownTarget):
-        return APIError(404, f"model: {cause.message.replace('unknown target', 'unknown model', 1)}", param="model",
-                        code="model_not_found")
+        return APIError(404, f"model: {cause.message}", param="model", code="model_not_found")
     if isinstance(cause, DuplicateRequest):
         return APIError(409, str(cause), param=param_of(cause.field), code="duplicate_request")
     if isinstance(cause, RequestError):
@@ -151,9 +150,8 @@ class ChatBody(_Body):
 class Call:
     """A parsed OpenAI request: the s2d Request and how to answer it."""
 
-    request: Request
+    request: Request  # its target is the model
     chat: bool
-    model: str
     stream: bool
     include_usage: bool
     id: str
@@ -204,7 +202,7 @@ def parse_call(data: dict, chat: bool, limits: Limits) -> Call:
     except RequestError as e:
         raise as_api_error(e) from None
     prefix = "chatcmpl" if chat else "cmpl"
-    return Call(req, chat, body.model, bool(body.stream), bool(opts and opts.include_usage),
+    return Call(req, chat, bool(body.stream), bool(opts and opts.include_usage),
                 f"{prefix}-{uuid.uuid4().hex}", int(time.time()))
 
 
@@ -232,26 +230,26 @@ def usage(u: dict) -> dict:
             "total_tokens": u["prompt_tokens"] + u["completion_tokens"]}
 
 
+def _answer(call: Call, obj: str, content: dict, finish_reason: str | None) -> dict:
+    """The envelope of a response or a chunk, with its one choice."""
+    choice = {"index": 0, **content, "logprobs": None, "finish_reason": finish_reason}
+    return {"id": call.id, "object": obj, "created": call.created, "model": call.request.target, "choices": [choice]}
+
+
 def response(call: Call, text: str, finish_reason: str, u: dict, stats: dict) -> dict:
     """The whole answer of a request that did not stream."""
-    if call.chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                  "finish_reason": finish_reason}
-    else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-    return {"id": call.id, "object": "chat.completion" if call.chat else "text_completion", "created": call.created,
-            "model": call.model, "choices": [choice], "usage": usage(u), "s2d_stats": stats}
+    content = {"message": {"role": "assistant", "content": text}} if call.chat else {"text": text}
+    return _answer(call, "chat.completion" if call.chat else "text_completion", content, finish_reason) | {
+        "usage": usage(u), "s2d_stats": stats}
 
 
 def chunk(call: Call, text: str, finish_reason: str | None = None, first: bool = False) -> dict:
     """One streamed chunk; the first of a chat stream names the role."""
     if call.chat:
-        delta = ({"role": "assistant"} if first else {}) | ({"content": text} if text or first else {})
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        content = {"delta": ({"role": "assistant"} if first else {}) | ({"content": text} if text or first else {})}
     else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-    out = {"id": call.id, "object": "chat.completion.chunk" if call.chat else "text_completion",
-           "created": call.created, "model": call.model, "choices": [choice]}
+        content = {"text": text}
+    out = _answer(call, "chat.completion.chunk" if call.chat else "text_completion", content, finish_reason)
     return out | {"usage": None} if call.include_usage else out  # as OpenAI: null until the last chunk
 
 

@@ -226,6 +226,8 @@ class TargetPolicy:
         if k <= 0:
             return
         self.acc.record(k, drafts, accepted)
+        if not self.online:  # the bins feed only the online thresholds
+            return
         for i, passed in enumerate(trace[: accepted + 1]):  # positions the target verified
             if i >= len(tokens):
                 break

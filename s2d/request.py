@@ -27,7 +27,12 @@ class RequestError(ValueError):
 
 
 class UnknownTarget(RequestError):
-    pass
+    def __init__(self, name: str, known: list[str]):
+        super().__init__("target", f"{name!r:.140} is not served here; known: {known}")
+        self.name, self.known = name, known
+
+    def __reduce__(self):
+        return type(self), (self.name, self.known)
 
 
 class DuplicateRequest(RequestError):
@@ -74,7 +79,7 @@ class Request:
     fit_context: bool = False  # max_tokens was not asked: shorten it to what the context leaves
 
     def deadline_s(self, limits: Limits) -> float:
-        return min(self.timeout_s or limits.max_request_s, limits.max_request_s)
+        return self.timeout_s or limits.max_request_s  # check_request keeps timeout_s within the limit
 
 
 NAME = (re.compile(r"[\x21-\x7e]{1,128}"), "1 to 128 visible ASCII characters (no spaces or control characters)")

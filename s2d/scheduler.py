@@ -50,7 +50,7 @@ class Scheduler:
         queue raises Overloaded. `resume`: output tokens the client already has."""
         check_request(req, self.limits)
         if req.target not in self.frontends:
-            raise UnknownTarget("target", f"unknown target {req.target!r}; known: {sorted(self.frontends)}")
+            raise UnknownTarget(req.target, sorted(self.frontends))
         if len(self.waiting) >= self.limits.max_waiting:
             raise Overloaded(f"{len(self.waiting)} requests already wait (limit {self.limits.max_waiting})")
         self._ids += 1
@@ -93,21 +93,21 @@ class Scheduler:
 
     def load(self) -> dict:
         """What an operator watches, per target: running and waiting requests and KV slots (a
-        running sequence holds one slot of its target and one of the draft), the draft policy's
-        choices, and the cumulative tick breakdown. Call it on the scheduler's thread."""
+        running sequence holds one slot of its target and one of the draft, so the slots in use are
+        the running count), the draft policy's choices, and the cumulative tick breakdown. Call it
+        on the scheduler's thread."""
         running = {t: 0 for t in self.target_slots}
         waiting = dict(running)
         for s in self.running.values():
             running[s.target] += 1
         for s in self.waiting:
             waiting[s.target] += 1
-        return {"targets": {t: {"running": running[t], "waiting": waiting[t], "kv_slots_used": running[t],
-                                "kv_slots_total": n} for t, n in self.target_slots.items()},
-                "draft": {"kv_slots_used": len(self.running), "kv_slots_total": self.draft_slots},
+        return {"targets": {t: {"running": running[t], "waiting": waiting[t], "kv_slots": n}
+                            for t, n in self.target_slots.items()},
+                "draft": {"running": len(self.running), "kv_slots": self.draft_slots},
                 "policy": {(t, "greedy" if g else "sampled"): (p.last_k, list(p.current))
                            for (t, g), p in self.policy.targets.items()},
-                "breakdown_s": {"draft": self.breakdown.draft_s, "verify": self.breakdown.verify_s,
-                                "wall": self.breakdown.wall_s}}
+                "breakdown": self.breakdown}
 
     @property
     def has_work(self) -> bool:

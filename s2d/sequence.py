@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from s2d.config import Profile, SamplingParams
 from s2d.detok import Detokenizer
@@ -196,7 +196,7 @@ class Sequence:
             if at >= 0:
                 text = text[:at]
                 self._finish("stop")
-        self.text = text if self.finished else stable[:len(text)]
+        self.text = text if self.finished else stable  # unfinished: no stop was found in the tail
         end = len(self.text)
         delta, self.sent = self.text[self.sent:end], max(self.sent, end)
         if not self.finished:

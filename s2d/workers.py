@@ -104,31 +104,30 @@ class Worker:
         return out, spent
 
     def release(self, seq_id: str) -> bool:
-        self.known.pop(seq_id, None)
         slot = self.table.slot.get(seq_id)
-        if seq_id in self.failed and slot is not None:
-            self.failed.discard(seq_id)
-            self.clear_slot(slot)
+        self._evicted(seq_id, slot)
         if not self.table.release(seq_id):
             return False
         moved = self.table.compact(slot)
         if moved:
             seq, src, dst = moved
-            self.move_slot(src, dst)
+            self.move_slot(seq, src, dst)
             if seq in self.failed:  # its bad numbers must not stay behind in a free slot
                 self.clear_slot(src)
         return True
 
-    def _evicted(self, seq_id: str, slot: int):
+    def _evicted(self, seq_id: str, slot: int | None):
+        """Forget a sequence whose slot is freed; a failed one's slot is cleared of its numbers."""
         self.known.pop(seq_id, None)
-        if seq_id in self.failed:
+        if seq_id in self.failed and slot is not None:
             self.failed.discard(seq_id)
             self.clear_slot(slot)
 
     def clear_slot(self, slot: int):
         raise NotImplementedError
 
-    def move_slot(self, src: int, dst: int):
+    def move_slot(self, seq_id: str, src: int, dst: int):
+        """Compaction moved `seq_id` from slot src to dst: move its caches."""
         raise NotImplementedError
 
     def stats(self) -> dict:
@@ -167,7 +166,7 @@ class Proposer(Worker):
         self.draft.lm.cache.clear(slot)
         self.draft.hidden[slot].zero_()
 
-    def move_slot(self, src: int, dst: int):
+    def move_slot(self, seq_id: str, src: int, dst: int):
         d = self.draft
         n = max(d.fill[src])
         d.lm.cache.move(src, dst, n)
@@ -295,9 +294,8 @@ class Verifier(Worker):
     def clear_slot(self, slot: int):
         self.lm.cache.clear(slot)
 
-    def move_slot(self, src: int, dst: int):
-        seq = next(s for s, sl in self.table.slot.items() if sl == dst)
-        self.lm.cache.move(src, dst, len(self.table.tokens[seq]))
+    def move_slot(self, seq_id: str, src: int, dst: int):
+        self.lm.cache.move(src, dst, len(self.table.tokens[seq_id]))
 
     @torch.inference_mode()
     def verify(self, items: list[VerifyItem], chunks: list[PrefillItem] = ()) -> list[Verdict]:

@@ -165,15 +165,15 @@ def test_load_counts_running_and_waiting_requests_and_slots(engine):
     seqs = [engine.scheduler.add(Request(target="small", prompt=p, params=greedy(4))) for p in PROMPTS[:10]]
     seqs.append(engine.scheduler.add(Request(target="large", prompt="x", params=greedy(4))))
     load = engine.scheduler.load()
-    assert load["targets"]["small"] == {"running": 8, "waiting": 2, "kv_slots_used": 8, "kv_slots_total": 8}
-    assert load["targets"]["large"]["waiting"] == 1 and load["draft"] == {"kv_slots_used": 8, "kv_slots_total": 8}
+    assert load["targets"]["small"] == {"running": 8, "waiting": 2, "kv_slots": 8}
+    assert load["targets"]["large"]["waiting"] == 1 and load["draft"] == {"running": 8, "kv_slots": 8}
     assert set(load["policy"]) == {(t, k) for t in ("small", "large") for k in ("greedy", "sampled")}
     while any(not s.finished for s in seqs):
         engine.step()
     engine.step()  # releases the last slots
     load = engine.scheduler.load()
     assert all(v["running"] == v["waiting"] == 0 for v in load["targets"].values())
-    assert load["breakdown_s"]["verify"] > 0
+    assert load["breakdown"].verify_s > 0
 
 
 def test_config_errors_name_the_field(tmp_path, family):

@@ -77,7 +77,7 @@ def test_read_body_refuses_what_is_not_a_json_object():
 
 
 @pytest.mark.parametrize("error,status,param", [
-    (UnknownTarget("target", "unknown target 'x'"), 404, "model"), (RequestError("messages.1.role", "bad"), 400, "messages.1.role"),
+    (UnknownTarget("x", ["m"]), 404, "model"), (RequestError("messages.1.role", "bad"), 400, "messages.1.role"),
     (RequestError("request", "too big"), 400, None), (DuplicateRequest("request_id", "live"), 409, "request_id"),
     (Overloaded("full"), 429, None), (DeadlineExceeded("late"), 504, "timeout_s"), (Unavailable("gone"), 503, None),
     (RequestFailed("nan"), 500, None),
