@@ -92,8 +92,10 @@ def test_stream_equals_unary(server):
 
 def test_48_concurrent_mixed_requests_batch_in_the_draft(server, expected):
     jobs = list(expected.items())  # 48 requests over the three targets and both cells
+    # fixed:1 drafts every round: in mode s2d the policy may turn drafting off on these random
+    # weights (acceptance ~0), so whether two rows ever meet in the draft would be up to timing
     with ThreadPoolExecutor(48) as pool:
-        results = list(pool.map(lambda kv: gen(server, *kv[0]), jobs))
+        results = list(pool.map(lambda kv: gen(server, *kv[0], mode="fixed:1"), jobs))
     for ((target, prompt), want), r in zip(jobs, results):
         assert list(r.token_ids) == want["token_ids"], (target, prompt)
     stats = actor_stats()
