@@ -57,11 +57,11 @@ def sweep(engine: Engine, targets, levels, temps, prompts, n_requests: int, max_
                         acc[m][0] += toks
                         acc[m][1] += secs
                 tps = {m: a[0] / a[1] for m, a in acc.items()}
-                pol = engine.scheduler.policy.to_dict()[target if temp == 0 else f"{target} (sampled)"]
+                pol = engine.scheduler.policy.state()[target, "greedy" if temp == 0 else "sampled"]
                 rows.append({"target": target, "temperature": temp, "concurrency": c, "requests": reps * c,
                              "ar_tok_s": round(tps["ar"], 1), "s2d_tok_s": round(tps["s2d"], 1),
                              "ratio": round(tps["s2d"] / tps["ar"], 3), "policy_k": pol["k"],
-                             "thresholds": pol["thresholds"],
+                             "thresholds": [round(x, 3) for x in pol["thresholds"]],
                              "breakdown": {m: a[2].to_dict() for m, a in acc.items()}})
                 bar.update(1)
     bar.close()

@@ -21,16 +21,7 @@ from s2d.bench import heldout_code
 from s2d.config import Profile, SamplingParams, load_config
 from s2d.engine import Engine, Request
 from s2d.metrics import SpecStats
-from s2d.policy import StepCosts, modelled_tokens_per_s
-
-MS = 1e-3
-
-
-def pinned(target: str, n_exits: int) -> StepCosts:
-    cells = {(f"verify:{target}", 1, w): 4 * MS + 0.15 * MS * (w - 1) for w in range(1, 34)}
-    cells |= {("draft_step", 1, 1): 0.4 * MS, ("draft_call", 1, 1): 0.1 * MS, ("engine", 1, 1): 0.3 * MS}
-    cells |= {(f"draft:{s}", 1, 1): 0.3 * MS for s in range(n_exits)}
-    return StepCosts(fixed=cells)
+from s2d.policy import modelled_tokens_per_s, pinned_costs
 
 
 def main():
@@ -54,7 +45,7 @@ def main():
     for name, thresholds in starts.items():
         engine.set_profile(a.target, Profile(thresholds=thresholds, k_max=tuned.k_max))
         if a.costs == "pinned":
-            engine.scheduler.policy.costs = pinned(a.target, n)
+            engine.scheduler.policy.costs = pinned_costs(a.target, n)
         policy = engine.scheduler.policy.targets[a.target, True]  # greedy requests
         results, t0 = [], time.perf_counter()
         for i, p in enumerate(prompts):

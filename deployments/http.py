@@ -62,8 +62,7 @@ class OpenAIRoutes:
     @app.get("/healthz")
     async def healthz(self):
         """200 once every cell has a replica with its models loaded, else 503 with each cell's state."""
-        cells = await self.cells_ready()
-        ready = all(v == "ready" for v in cells.values())
+        ready, cells = await self.cells_ready()
         return JSONResponse({"status": "ok" if ready else "loading", "cells": cells}, status_code=200 if ready else 503)
 
     # -- one request ---------------------------------------------------------------------------

@@ -125,9 +125,9 @@ class LoadMetrics:
         for target, v in [*load["targets"].items(), ("(draft)", load["draft"])]:
             self.slots_used.set(v["running"], tags={"target": target})  # a running request holds one slot
             self.slots_total.set(v["kv_slots"], tags={"target": target})
-        for (target, kind), (k, thresholds) in load["policy"].items():
-            self.draft_k.set(k, tags={"target": target, "kind": kind})
-            for i, x in enumerate(thresholds):
+        for (target, kind), p in load["policy"].items():
+            self.draft_k.set(p["k"], tags={"target": target, "kind": kind})
+            for i, x in enumerate(p["thresholds"]):
                 self.threshold.set(x, tags={"target": target, "kind": kind, "exit_index": str(i)})
         b = load["breakdown"]  # cumulative
         now = {"draft": b.draft_s, "verify": b.verify_s, "engine": b.engine_s}

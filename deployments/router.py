@@ -113,16 +113,16 @@ class S2DRouter(OpenAIRoutes):
 
     async def Health(self, request, grpc_context) -> pb.HealthResponse:
         self._refuse_undecodable(request, grpc_context)
-        cells = await self.cells_ready()
-        return pb.HealthResponse(status="ok" if all(v == "ready" for v in cells.values()) else "loading")
+        ready, _ = await self.cells_ready()
+        return pb.HealthResponse(status="ok" if ready else "loading")
 
     def _refuse_undecodable(self, request, grpc_context):
         if isinstance(request, Undecodable):
             raise self._fail(grpc_context, RequestError(request.field, request.message))
 
-    async def cells_ready(self) -> dict[str, str]:
-        """Per cell: "ready" once a replica has loaded its models (its constructor has returned),
-        else why not."""
+    async def cells_ready(self) -> tuple[bool, dict[str, str]]:
+        """Whether every cell is ready, and per cell: "ready" once a replica has loaded its models
+        (its constructor has returned), else why not."""
         async def ready(h: DeploymentHandle) -> str:
             resp = h.check_health.remote()
             try:
@@ -135,7 +135,8 @@ class S2DRouter(OpenAIRoutes):
                 return f"failed: {type(e).__name__}: {e}"[:300]
 
         names = list(self.cells)
-        return dict(zip(names, await asyncio.gather(*(ready(self.cells[n]) for n in names))))
+        cells = dict(zip(names, await asyncio.gather(*(ready(self.cells[n]) for n in names))))
+        return all(v == "ready" for v in cells.values()), cells
 
     async def cell_stats(self) -> dict:
         """Each cell's actor stats and busy fractions (for tests, benchmarks and operators)."""
@@ -150,13 +151,13 @@ class S2DRouter(OpenAIRoutes):
             raise UnknownTarget(req.target, self.targets)
         cell = self.cell_of[req.target].options(stream=True)
         streamed: list[int] = []
-        deadline, started, timeout = None, time.monotonic(), req.deadline_s(self.cfg.limits)
+        give_up_at, started, timeout = None, time.monotonic(), req.deadline_s(self.cfg.limits)
         while True:
             try:
                 async for d in cell.generate.remote(req, streamed, final_only):
                     req.request_id = d.seq_id  # a resent request keeps its id
                     streamed += d.token_ids
-                    deadline = None
+                    give_up_at = None  # a replica answered: the retry window starts again
                     if d.finished:
                         self.metrics.finished_request(req.target, d.finish_reason, d.usage, d.stats, d.timing)
                     yield d
@@ -164,8 +165,8 @@ class S2DRouter(OpenAIRoutes):
                         return
                 return
             except REPLICA_LOST as e:
-                deadline = deadline or time.monotonic() + RETRY_WINDOW_S
-                if time.monotonic() > deadline:
+                give_up_at = give_up_at or time.monotonic() + RETRY_WINDOW_S
+                if time.monotonic() > give_up_at:
                     raise Unavailable(f"no cell replica answered for {RETRY_WINDOW_S:.0f} s: {e}") from e
                 log.warning("cell replica lost during %s after %d tokens; resending", req.request_id, len(streamed))
                 await asyncio.sleep(0.5)

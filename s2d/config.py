@@ -66,9 +66,6 @@ class ModelSpec(Strict):
     max_seqs: int = Field(8, ge=1)  # KV-cache slots
     max_seq_len: int | None = Field(None, ge=8)  # default: min(model context, 2048)
     trust_remote_code: bool = False
-    # Targets' decode and verify at bucketed static shapes (s2d/graphs.py), captured as CUDA graphs
-    # on CUDA. auto: on for CUDA, off on CPU (eager is as fast there); on: also on CPU (tests).
-    static_forward: Literal["auto", "on", "off"] = "auto"
     # Read only by deployments/: the model's bundle in its cell's placement group. Torch threads:
     # num_cpus where >= 1, else every core.
     num_gpus: float = Field(0.0, ge=0)
@@ -85,6 +82,9 @@ DraftSpec = ModelSpec  # the draft needs no more than any model
 class TargetSpec(ModelSpec):
     name: str
     profile: Profile = Field(default_factory=Profile)
+    # Decode and verify at bucketed static shapes (s2d/graphs.py), captured as CUDA graphs on CUDA.
+    # auto: on for CUDA, off on CPU (eager is as fast there); on: also on CPU (tests).
+    static_forward: Literal["auto", "on", "off"] = "auto"
 
 
 class Limits(Strict):

@@ -68,7 +68,8 @@ class SortedDraft:
         self.lm, self.exits = lm, exits
         self.bounds = list(zip([0, *exits[:-1]], exits))
         self.fill = [[0] * len(exits) for _ in range(lm.n_slots)]
-        self.hidden = torch.zeros(lm.n_slots, lm.max_len, lm.cfg.hidden_size, dtype=lm.dtype, device=lm.last_device)
+        # one scratch position past the end takes the padding's writes, as in KVCache: no mask to count
+        self.hidden = torch.zeros(lm.n_slots, lm.max_len + 1, lm.cfg.hidden_size, dtype=lm.dtype, device=lm.last_device)
 
     @classmethod
     def from_pretrained(cls, path, **kw) -> "SortedDraft":
@@ -94,16 +95,14 @@ class SortedDraft:
         batch = lm.batch(slots, starts, counts)
         T = max(counts)
         slot_idx = torch.tensor(slots, device=dev)[:, None].expand(-1, T)
-        pos_idx = batch.write_pos.clamp(max=lm.max_len - 1)
         if s == 0:
             rows = [t[st:e] + [0] * (T - (e - st)) for t, st, e in zip(tokens, starts, ends)]
             h = lm.embed(torch.tensor(rows, device=dev))
         else:
-            h = self.hidden[slot_idx, pos_idx]
+            h = self.hidden[slot_idx, batch.write_pos]
         lo, hi = self.bounds[s]
         h = lm.run_layers(h, batch, lo, hi)
-        real = batch.write_pos < lm.max_len
-        self.hidden[slot_idx[real], pos_idx[real]] = h[real].to(self.hidden.device)
+        self.hidden[slot_idx, batch.write_pos] = h.to(self.hidden.device)
         for sl, e in zip(slots, ends):
             self.fill[sl][s] = e
         if not logits:

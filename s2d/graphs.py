@@ -60,15 +60,12 @@ class StaticForward:
         R, T = s.tokens.shape
         n_keys = s.batch.groups[0].n_keys
         B = len(rows)
-        st = torch.tensor(starts + [0] * (R - B))
-        cnt = torch.tensor([len(r) for r in rows] + [0] * (R - B))
-        pos = st[:, None] + torch.arange(T)
-        real = torch.arange(T)[None, :] < cnt[:, None]
+        pos, write_pos = lm.positions(starts + [0] * (R - B), [len(r) for r in rows] + [0] * (R - B), T, "cpu")
         mask = lm.causal_mask(pos, n_keys)
         mask[B:] = torch.arange(n_keys) == 0  # padding rows: one key, so attention stays finite
         s.tokens.copy_(pad_tokens(rows + [[0]] * (R - B), "cpu"), non_blocking=True)
         s.batch.pos.copy_(pos.clamp(max=lm.max_len - 1), non_blocking=True)
-        s.batch.write_pos.copy_(torch.where(real, pos, torch.full_like(pos, lm.max_len)), non_blocking=True)
+        s.batch.write_pos.copy_(write_pos, non_blocking=True)
         s.batch.groups[0].mask.copy_(mask[:, None], non_blocking=True)
 
     def _layers(self, s: Shape) -> torch.Tensor:
@@ -78,9 +75,7 @@ class StaticForward:
         """The layers' output [B, T, d] for rows[b] written at starts[b] of slot b."""
         lm = self.lm
         B, T = len(rows), max(map(len, rows))
-        end = max(st + len(r) for st, r in zip(starts, rows))
-        if end > lm.max_len:
-            raise ValueError(f"sequence needs {end} positions, past the KV cache's {lm.max_len}")
+        end = max(st + len(r) for st, r in zip(starts, rows))  # past the cache: positions() raises
         R = min(pow2_at_least(B), lm.n_slots)
         n_keys = min(pow2_at_least(end, KEY_BUCKET), lm.max_len + 1)
         s = self._shape(R, T, n_keys)

@@ -219,7 +219,7 @@ class Backbone(nn.Module):
 class CausalLM(nn.Module):
     """A Llama-family LM over a static KV cache with `n_slots` sequences of `max_len` tokens."""
 
-    def __init__(self, cfg, n_slots=8, max_len=None, dtype=torch.float32, devices=("cpu",), static_forward="auto"):
+    def __init__(self, cfg, n_slots=8, max_len=None, dtype=torch.float32, devices=("cpu",), static_forward="off"):
         super().__init__()
         self.cfg = cfg
         self.model = Backbone(cfg)
@@ -240,13 +240,15 @@ class CausalLM(nn.Module):
         self.first_device, self.last_device = devices[0], devices[-1]
         self.cache: KVCache | None = None
         self.forward_s = 0.0  # seconds spent in layers and head (on CPU; on a GPU, launching them)
-        self.static_forward = static_forward  # s2d/graphs.py: auto is on (CUDA graphs) on CUDA, off on CPU
+        # s2d/graphs.py, auto: on (CUDA graphs) on CUDA, off on CPU. Targets pass theirs
+        # (TargetSpec.static_forward); the draft runs segment by segment, eagerly
+        self.static_forward = static_forward
         self.static = None
 
     # -- loading -------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path, n_slots=8, max_len=None, dtype="auto", devices=("cpu",), trust_remote_code=False,
-                        static_forward="auto"):
+                        static_forward="off"):
         cfg = load_hf_config(path, trust_remote_code)
         torch_dtype = resolve_dtype(dtype, devices[0]) if isinstance(dtype, str) else dtype
         with torch.device("meta"):
@@ -321,20 +323,24 @@ class CausalLM(nn.Module):
             mask &= keys[None, None, :] > pos[:, :, None] - self.window
         return mask
 
-    def _group(self, start: int, slots: list[int], starts: list[int], counts: list[int]):
-        dev = self.first_device
-        T = max(counts)
+    def positions(self, starts: list[int], counts: list[int], T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, T] each row's positions from its start, and the cache rows its tokens write: past a
+        row's counts[b] tokens (padding), the scratch row at max_len."""
         end = max(s + c for s, c in zip(starts, counts))
         if end > self.max_len:
             raise ValueError(f"sequence needs {end} positions, past the KV cache's {self.max_len}")
+        pos = torch.tensor(starts, device=device)[:, None] + torch.arange(T, device=device)
+        real = torch.arange(T, device=device)[None, :] < torch.tensor(counts, device=device)[:, None]
+        return pos, torch.where(real, pos, torch.full_like(pos, self.max_len))
+
+    def _group(self, start: int, slots: list[int], starts: list[int], counts: list[int]):
+        dev = self.first_device
+        pos, write_pos = self.positions(starts, counts, max(counts), dev)
+        end = max(s + c for s, c in zip(starts, counts))
         n_keys = min(-(-end // KEY_BUCKET) * KEY_BUCKET, self.max_len + 1)
-        st = torch.tensor(starts, device=dev)
-        pos = st[:, None] + torch.arange(T, device=dev)
-        real = torch.arange(T, device=dev)[None, :] < torch.tensor(counts, device=dev)[:, None]
-        write_pos = torch.where(real, pos, torch.full_like(pos, self.max_len))
         mask = self.causal_mask(pos, n_keys)
         contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
-        g = Group(start, len(slots), T, torch.tensor(slots, device=dev), mask[:, None], n_keys,
+        g = Group(start, len(slots), pos.shape[1], torch.tensor(slots, device=dev), mask[:, None], n_keys,
                   slots[0] if contiguous else None)
         return g, pos, write_pos
 

@@ -135,8 +135,8 @@ class Load:
     """What a target's policy chose at one load (batch-size buckets), and when it looks around."""
 
     k: int
-    decided_at: int = -(1 << 30)
-    next_explore: int = EXPLORE_EVERY
+    decided_at: int
+    next_explore: int
     credit: float = 0.0  # seconds of probing earned while speculation is off
 
 
@@ -173,16 +173,18 @@ class TargetPolicy:
         them): the draft batch holds `draft_rows` rows of every target; `missed` is how many tokens
         the draft lacks of the row that would probe. Each load (batch buckets) keeps its own choice,
         made again every REDECIDE ticks. While speculation is on, all rows try a neighbouring k every
-        EXPLORE_EVERY ticks; while it is off, one row tries k = 1 whenever the time saved by not
-        drafting has paid OFF_BUDGET of the probe's cost (its catch-up included)."""
+        EXPLORE_EVERY ticks; while it is off, one row tries k = 1 once OFF_BUDGET of the plain
+        rounds' time since the last probe covers the probe's cost (its catch-up included): probes
+        take at most that share of the time."""
         self.ticks += 1
         if self.acc.rounds < MIN_ROUNDS:  # learn acceptance first, cheaply: deeper k is tried later, a step at a time
             return min(LEARN_K, self.k_max), min(LEARN_K, self.k_max)
         key = (bucket(rows), bucket(draft_rows))
         load = self.loads.get(key)
         if load is None:
-            load = self.loads[key] = Load(self.last_k, next_explore=self.ticks + EXPLORE_EVERY // 2)
-        if self.ticks >= load.decided_at + REDECIDE:
+            load = self.loads[key] = Load(self._best_k(costs, rows, draft_rows), self.ticks,
+                                          next_explore=self.ticks + EXPLORE_EVERY // 2)
+        elif self.ticks >= load.decided_at + REDECIDE:
             load.k, load.decided_at = self._best_k(costs, rows, draft_rows), self.ticks
         self.last_k = load.k
         if load.k == 0:
@@ -292,15 +294,16 @@ class DraftPolicy:
     def caps(self, rows: dict[tuple[str, bool], int], draft_rows: int, missed: dict[tuple[str, bool], int]
              ) -> dict[tuple[str, bool], tuple[int, int, list[float]]]:
         """Per target with decode rows this tick: (the cap on drafts, the cap for the probing row,
-        the exit thresholds), keyed by (target, greedy); `missed`: the tokens the draft lacks of that row.
-        The verify cost is the target's whole batch, greedy and sampled rows together."""
+        the exit thresholds), keyed by (target, greedy); `missed`, keyed by those with an s2d row: the
+        tokens the draft lacks of the row that would probe. Keys with only ar or fixed rows have
+        nothing to decide. The verify cost is the target's whole batch, greedy and sampled rows together."""
         if self.mode == "static":
             return {}
         batch = defaultdict(int)
         for (t, _), n in rows.items():
             batch[t] += n
-        return {key: (*self.targets[key].choose_k(self.costs, batch[key[0]], draft_rows, missed.get(key, 0)),
-                      self.targets[key].thresholds()) for key, n in rows.items() if n}
+        return {key: (*self.targets[key].choose_k(self.costs, batch[key[0]], draft_rows, missed[key]),
+                      self.targets[key].thresholds()) for key in missed}
 
     def drafts(self, target: str) -> bool:
         """Whether the target's s2d requests draft at present (the scheduler splits cohorts only then)."""
@@ -312,6 +315,8 @@ class DraftPolicy:
 
     def observe(self, verified: list, wall_s: float, draft_rows: int):
         """A finished tick: its forwards' measured seconds, and the engine's own time around them."""
+        if self.mode == "static":  # nothing reads the costs
+            return
         for v in verified:
             for f in v.forwards:
                 if f.what == "verify":
@@ -330,16 +335,26 @@ class DraftPolicy:
         rows = sum(len(v.outcomes) for v in verified)  # the engine's own work: 1 wide without drafting, 2 with
         self.costs.observe("engine", rows, 2 if steps else 1, max(wall_s - draft_s - verify_s, 0.0))
         self.ticks += 1
-        if self.mode != "static" and self.ticks % self.UPDATE_EVERY == 0:
+        if self.ticks % self.UPDATE_EVERY == 0:
             for p in self.targets.values():
                 p.update_thresholds(self.costs, draft_rows, p.acc.expected(p.last_k)[0])
 
-    def to_dict(self) -> dict:
-        """What the policy believes now, per target (stats, benchmarks)."""
-        return {(t if greedy else f"{t} (sampled)"): {"k": p.last_k, "thresholds": [round(x, 3) for x in p.current],
-                                                      "mat_at_k": round(p.acc.expected(p.last_k)[0], 3)}
+    def state(self) -> dict[tuple[str, str], dict]:
+        """What the policy believes now, per (target, "greedy" | "sampled"): gauges, benchmarks."""
+        return {(t, "greedy" if greedy else "sampled"): {"k": p.last_k, "thresholds": list(p.current),
+                                                          "mat_at_k": p.acc.expected(p.last_k)[0]}
                 for (t, greedy), p in self.targets.items()}
 
+
+
+def pinned_costs(target: str, n_exits: int, max_width: int = 33) -> StepCosts:
+    """Fixed costs at a GPU-like ratio (a 4 ms decode, 0.15 ms per verified token more, a 0.3 ms
+    draft segment): policy runs that are reproducible on any machine (benchmarks, tests)."""
+    ms = 1e-3
+    cells = {(f"verify:{target}", 1, w): 4 * ms + 0.15 * ms * (w - 1) for w in range(1, max_width + 1)}
+    cells |= {("draft_step", 1, 1): 0.4 * ms, ("draft_call", 1, 1): 0.1 * ms, ("engine", 1, 1): 0.3 * ms}
+    cells |= {(f"draft:{s}", 1, 1): 0.3 * ms for s in range(n_exits)}
+    return StepCosts(fixed=cells)
 
 
 def modelled_tokens_per_s(results: list[dict], costs: StepCosts, target: str, exits: list[int]) -> float:

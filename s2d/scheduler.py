@@ -105,8 +105,7 @@ class Scheduler:
         return {"targets": {t: {"running": running[t], "waiting": waiting[t], "kv_slots": n}
                             for t, n in self.target_slots.items()},
                 "draft": {"running": len(self.running), "kv_slots": self.draft_slots},
-                "policy": {(t, "greedy" if g else "sampled"): (p.last_k, list(p.current))
-                           for (t, g), p in self.policy.targets.items()},
+                "policy": self.policy.state(),
                 "breakdown": self.breakdown}
 
     @property

@@ -105,6 +105,7 @@ def cmd_tune(a):
 
     path = DEMO_DIR / "demo.yaml" if a.config == "demo" else Path(a.config)
     cfg = load_config(path)
+    cfg.scheduling.draft_policy = "static"  # each candidate profile runs as written: the policy would move it
     engine = Engine.from_config(cfg.on_device(a.device))
     root = Path(sysconfig.get_paths()["stdlib"])
     listing = Path(cfg.base_dir) / "heldout_files.txt"

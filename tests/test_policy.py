@@ -1,6 +1,6 @@
 """The draft policy (s2d/policy.py): it turns speculation off where it cannot pay, drafts less as
 verification stops being free, and its exit thresholds converge from bad starting profiles toward
-the offline-tuned one on a live stream of requests. Costs are pinned (StepCosts(fixed=...)), so
+the offline-tuned one on a live stream of requests. Costs are pinned (pinned_costs, StepCosts(fixed=...)), so
 what is tested is the policy's reasoning, not this machine's timings."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from s2d.bench import heldout_code
 from s2d.config import Profile, SamplingParams, load_config
 from s2d.engine import Engine, Request
-from s2d.policy import StepCosts, TargetPolicy, modelled_tokens_per_s
+from s2d.policy import StepCosts, TargetPolicy, modelled_tokens_per_s, pinned_costs
 
 MS = 1e-3
 EXITS = [1, 2, 3]
@@ -54,11 +54,6 @@ def test_drafting_shrinks_as_verification_stops_being_free():
     assert light >= 3 and heavy < light
 
 
-PINNED = {("verify:demo-l", 1, w): 4 * MS + 0.15 * MS * (w - 1) for w in range(1, 7)}
-PINNED |= {("draft_step", 1, 1): 0.4 * MS, ("draft_call", 1, 1): 0.1 * MS, ("engine", 1, 1): 0.3 * MS}
-PINNED |= {(f"draft:{s}", 1, 1): 0.3 * MS for s in range(3)}
-
-
 @pytest.fixture(scope="module")
 def demo():
     return Engine.from_config(load_config("demo"))
@@ -70,7 +65,7 @@ def test_online_thresholds_converge_from_a_bad_profile(demo, start):
     off the bad start, to the first exit at moderate confidence as in the offline-tuned profile
     (0.5, 0, 0), and the modelled goodput rises."""
     demo.set_profile("demo-l", Profile(thresholds=start, k_max=4))
-    demo.scheduler.policy.costs = StepCosts(fixed=PINNED)
+    demo.scheduler.policy.costs = pinned_costs("demo-l", 3)
     policy = demo.scheduler.policy.targets["demo-l", True]  # greedy requests
     prompts = heldout_code(Path(load_config("demo").base_dir), 20)
     results = [demo.generate([Request(target="demo-l", prompt=p, params=SamplingParams(max_tokens=48, ignore_eos=True))])[0]
