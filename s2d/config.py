@@ -62,7 +62,11 @@ class ModelSpec(Strict):
     path: str
     device: str = "cpu"
     devices: list[str] | None = None  # layer-wise placement over several devices (large targets)
-    dtype: Dtype = "auto"  # auto: float32 on CPU, bfloat16 on GPU
+    dtype: Dtype = "auto"  # auto: bfloat16 on GPU and on a CPU with AVX512-BF16 or AMX, else float32
+    # Decode, verify and draft steps at bucketed static shapes (s2d/graphs.py): on (and auto) compiles
+    # them on CPU (torch.compile, at startup) and captures CUDA graphs on CUDA; eager runs the same
+    # shapes uncompiled (auto does too where S2D_COMPILE=0, as in the tests); off: the eager forward.
+    static_forward: Literal["auto", "on", "eager", "off"] = "auto"
     max_seqs: int = Field(8, ge=1)  # KV-cache slots
     max_seq_len: int | None = Field(None, ge=8)  # default: min(model context, 2048)
     trust_remote_code: bool = False
@@ -82,9 +86,6 @@ DraftSpec = ModelSpec  # the draft needs no more than any model
 class TargetSpec(ModelSpec):
     name: str
     profile: Profile = Field(default_factory=Profile)
-    # Decode and verify at bucketed static shapes (s2d/graphs.py), captured as CUDA graphs on CUDA.
-    # auto: on for CUDA, off on CPU (eager is as fast there); on: also on CPU (tests).
-    static_forward: Literal["auto", "on", "off"] = "auto"
 
 
 class Limits(Strict):

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from s2d.model import CausalLM, load_safetensors_dir
+from s2d.graphs import StaticForward
+from s2d.model import CausalLM, load_safetensors_dir, pad_tokens
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja", "added_tokens.json")
@@ -67,6 +68,9 @@ class SortedDraft:
     def __init__(self, lm: CausalLM, exits: list[int]):
         self.lm, self.exits = lm, exits
         self.bounds = list(zip([0, *exits[:-1]], exits))
+        # each segment's step at static shapes (compiled on CPU, captured on CUDA) where the model has them
+        self.static = [StaticForward(lm, lm.static_mode, bounds) for bounds in self.bounds] if lm.static else []
+        lm.static = None  # the whole stack is never run at once
         self.fill = [[0] * len(exits) for _ in range(lm.n_slots)]
         # one scratch position past the end takes the padding's writes, as in KVCache: no mask to count
         self.hidden = torch.zeros(lm.n_slots, lm.max_len + 1, lm.cfg.hidden_size, dtype=lm.dtype, device=lm.last_device)
@@ -92,20 +96,22 @@ class SortedDraft:
         dev = lm.first_device
         starts = [self.fill[sl][s] for sl in slots]
         counts = [e - st for e, st in zip(ends, starts)]
-        batch = lm.batch(slots, starts, counts)
         T = max(counts)
+        _, write_pos = lm.positions(starts, counts, T, dev)  # [B, T]
         slot_idx = torch.tensor(slots, device=dev)[:, None].expand(-1, T)
         if s == 0:
-            rows = [t[st:e] + [0] * (T - (e - st)) for t, st, e in zip(tokens, starts, ends)]
-            h = lm.embed(torch.tensor(rows, device=dev))
+            h = lm.embed(pad_tokens([t[st:e] for t, st, e in zip(tokens, starts, ends)], dev))
         else:
-            h = self.hidden[slot_idx, batch.write_pos]
-        lo, hi = self.bounds[s]
-        h = lm.run_layers(h, batch, lo, hi)
-        self.hidden[slot_idx, batch.write_pos] = h.to(self.hidden.device)
+            h = self.hidden[slot_idx, write_pos]  # [B, T, d]
+        static = self.static[s] if self.static else None
+        if static is not None and static.eligible(slots, counts):
+            h = static.run(slots, starts, counts, h)
+        else:
+            h = lm.run_layers(h, lm.batch(slots, starts, counts), *self.bounds[s])
+        self.hidden[slot_idx, write_pos] = h.to(self.hidden.device)
         for sl, e in zip(slots, ends):
             self.fill[sl][s] = e
         if not logits:
             return None
-        last = h[torch.arange(len(slots)), batch.last.to(h.device)]
+        last = h[torch.arange(len(slots)), torch.tensor(counts, device=h.device) - 1]
         return lm.logits(last)

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from s2d.config import EngineConfig, Limits, Profile, SamplingParams
 from s2d.draft import SortedDraft, read_exits
 from s2d.executor import InProcessExecutor
+from s2d.graphs import warm_up
 from s2d.model import CausalLM, context_length, load_hf_config
 from s2d.scheduler import Scheduler
 from s2d.request import Overloaded, Request, RequestError, UnknownTarget
@@ -22,16 +23,23 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
 
 def load_draft(cfg: EngineConfig) -> SortedDraft:
+    """The shared draft, its static segments compiled (s2d/graphs.py)."""
     d = cfg.draft
-    return SortedDraft.from_pretrained(cfg.resolve(d.path), n_slots=d.max_seqs, max_len=d.max_seq_len, dtype=d.dtype,
-                                       devices=d.placement, trust_remote_code=d.trust_remote_code)
+    draft = SortedDraft.from_pretrained(cfg.resolve(d.path), n_slots=d.max_seqs, max_len=d.max_seq_len, dtype=d.dtype,
+                                        devices=d.placement, trust_remote_code=d.trust_remote_code,
+                                        static_forward=d.static_forward)
+    warm_up("the draft", draft.static)
+    return draft
 
 
 def load_target(cfg: EngineConfig, name: str) -> CausalLM:
+    """A target, its static forward compiled (s2d/graphs.py)."""
     t = cfg.target(name)
-    return CausalLM.from_pretrained(cfg.resolve(t.path), n_slots=t.max_seqs, max_len=t.max_seq_len, dtype=t.dtype,
-                                    devices=t.placement, trust_remote_code=t.trust_remote_code,
-                                    static_forward=t.static_forward)
+    lm = CausalLM.from_pretrained(cfg.resolve(t.path), n_slots=t.max_seqs, max_len=t.max_seq_len, dtype=t.dtype,
+                                  devices=t.placement, trust_remote_code=t.trust_remote_code,
+                                  static_forward=t.static_forward)
+    warm_up(name, [lm.static] if lm.static else [])
+    return lm
 
 
 class TargetFrontend:

@@ -1,99 +1,208 @@
-"""Target decode and verify forwards at bucketed static shapes: the unit a CUDA graph captures.
+"""Forwards at bucketed static shapes: the unit a CUDA graph captures, and torch.compile compiles.
 
-A forward of B rows of T tokens whose slots are 0..B-1 (compaction keeps a target's live slots
-there) runs as rows padded to a power of two, keys padded to a power of two of KEY_BUCKET. The
+A target's decode or verify of B rows of T tokens whose slots are 0..B-1 (compaction keeps a
+target's live slots there) runs as rows padded to a power of two, keys padded to a power of two of
+KEY_BUCKET; a draft segment's step runs the same way over any slots (its keys are gathered). The
 padding rows write only the cache's scratch position and attend to key 0; their outputs are
-dropped. Every input lives in a static buffer per shape, so on CUDA each shape is captured once
-as a torch.cuda.CUDAGraph and replayed (one launch instead of a few hundred kernels); on CPU, and
-wherever capture is off, the same function runs eagerly from the same buffers, so the CPU tests
-exercise this path. The layers run in the graph; the LM head runs eagerly on the rows needed."""
+dropped. Every input lives in a static buffer per shape, so:
+- on CUDA each shape is captured once as a torch.cuda.CUDAGraph and replayed (one launch instead
+  of a few hundred kernels);
+- on CPU the same function is compiled by torch.compile (inductor, weights frozen as constants),
+  with rows, tokens and keys as dynamic dimensions: four graphs per function (one row or several,
+  one token or several) cover every bucket, compiled at startup by `warm_up`, as SGLang captures
+  its declared batch sizes, and never while serving (`compilations` counts them);
+- with `mode="eager"` the same function runs eagerly from the same buffers, so CPU tests exercise
+  the path a GPU runs.
+The LM head runs eagerly on the rows needed."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+import logging
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from s2d.model import KEY_BUCKET, Batch, CausalLM, Group, pad_tokens, pow2_at_least
+from s2d.model import KEY_BUCKET, Batch, CausalLM, Group, pow2_at_least
+
+log = logging.getLogger("s2d.graphs")
 
 MAX_WIDTH = 16  # tokens per row a static forward takes (verify of up to 15 drafts)
+compilations = 0  # graphs compiled in this process (tests: none while serving)
+
+
+def compile_cache_dir() -> Path:
+    """Inductor's on-disk cache, kept across restarts (set TORCHINDUCTOR_CACHE_DIR to move it)."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return Path(cache_dir())
+
+
+def _counting_inductor(gm, example_inputs):
+    """Inductor, counting each graph it compiles."""
+    global compilations
+    from torch._inductor.compile_fx import compile_fx
+
+    compilations += 1
+    return compile_fx(gm, example_inputs)
+
+
+def compiled(fn):
+    """`fn` compiled once per dynamic shape class; weights frozen (prepacked bf16/fp32 GEMMs)."""
+    import torch._inductor.config as inductor_config
+
+    compile_cache_dir()
+    inductor_config.freezing = True
+    # every model's and segment's forward is one code object with its own guards: four graphs each
+    torch._dynamo.config.recompile_limit = 64
+    torch._dynamo.config.accumulated_recompile_limit = 4096
+    torch._dynamo.config.fail_on_recompile_limit_hit = True  # never fall back to eager silently
+    return torch.compile(fn, backend=_counting_inductor, dynamic=False)
+
+
+def mark_dynamic(t: torch.Tensor, dims: tuple[int, ...]):
+    """Rows, tokens and keys may change size without a new graph; a size of 1 keeps its own graph
+    (torch specialises it), so one row or token is as fast as it can be."""
+    for d in dims:
+        if t.shape[d] > 1:
+            torch._dynamo.mark_dynamic(t, d)
 
 
 @dataclass
 class Shape:
     """The static buffers (and, on CUDA, the graph) of one (rows, width, keys) bucket."""
 
-    tokens: torch.Tensor  # [R, T]
-    batch: Batch
-    out: torch.Tensor | None = None  # [R, T, d] the layers' output
+    x: torch.Tensor  # [R, T] tokens (a target) or [R, T, d] hidden states (a draft segment)
+    pos: torch.Tensor  # [R, T]
+    write_pos: torch.Tensor  # [R, T]
+    mask: torch.Tensor  # [R, 1, T, K]
+    slots: torch.Tensor  # [R]
+    out: torch.Tensor | None = None  # [R, T, d] the layers' output (CUDA graphs)
     graph: object = None
 
 
 class StaticForward:
-    def __init__(self, lm: CausalLM, capture: bool | None = None):
+    """Layers lo..hi of a model at static shapes. A target's (lo=0, hi=all) takes tokens and its
+    slots are 0..B-1, read as a view of the cache; a draft segment takes hidden states of any slots."""
+
+    def __init__(self, lm: CausalLM, mode: str = "on", segment: tuple[int, int] | None = None):
         self.lm = lm
+        self.lo, self.hi = segment or (0, lm.n_layers)
+        self.from_tokens = segment is None
         dev = torch.device(lm.first_device)
-        self.capture = (dev.type == "cuda") if capture is None else capture
+        self.capture = mode == "on" and dev.type == "cuda"
+        self.compiled = mode == "on" and dev.type == "cpu"
+        self.fn = compiled(self._layers) if self.compiled else self._layers
         self.shapes: dict[tuple[int, int, int], Shape] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
         self.replays = 0  # forwards served by this path (stats, tests)
         self.one_device = lm.first_device == lm.last_device and len(set(lm.layer_devices)) == 1
 
-    def eligible(self, slots: list[int], rows: list[list[int]]) -> bool:
-        return self.one_device and slots == list(range(len(slots))) and max(map(len, rows)) <= MAX_WIDTH
+    def eligible(self, slots: list[int], rows: list[list[int]] | list[int]) -> bool:
+        width = max(len(r) for r in rows) if rows and isinstance(rows[0], list) else max(rows)
+        contiguous = not self.from_tokens or slots == list(range(len(slots)))
+        return self.one_device and contiguous and width <= MAX_WIDTH
+
+    def _layers(self, x, pos, write_pos, mask, slots):
+        """[R, T, d]: the layers over static buffers, pure tensor code (compiled or captured)."""
+        lm = self.lm
+        R, T = pos.shape
+        # targets read slots 0..R-1 as a view; a draft segment gathers its rows' slots
+        g = Group(0, R, T, slots, mask, mask.shape[-1], 0 if self.from_tokens else None)
+        b = Batch(slots[:, None].expand(R, T), pos, write_pos, [g], [])
+        h = lm.model.embed_tokens(x) if self.from_tokens else x
+        cos, sin = lm.rope(pos)
+        for i in range(self.lo, self.hi):
+            h = lm.model.layers[i](h, cos, sin, lm.cache, i, b)
+        return h
 
     def _shape(self, R: int, T: int, n_keys: int) -> Shape:
         key = (R, T, n_keys)
         if key not in self.shapes:
-            dev = self.lm.first_device
+            dev, lm = self.lm.first_device, self.lm
             z = torch.zeros(R, T, dtype=torch.long, device=dev)
-            group = Group(0, R, T, torch.arange(R, device=dev), torch.zeros(R, 1, T, n_keys, dtype=torch.bool, device=dev),
-                          n_keys, 0)
-            tok_slots = torch.arange(R, device=dev)[:, None].expand(R, T).contiguous()  # row r is slot r
-            self.shapes[key] = Shape(z.clone(), Batch(tok_slots, z.clone(), z.clone(), [group], [T] * R))
+            x = z.clone() if self.from_tokens else torch.zeros(R, T, lm.cfg.hidden_size, dtype=lm.dtype, device=dev)
+            s = Shape(x, z.clone(), z.clone(), torch.zeros(R, 1, T, n_keys, dtype=torch.bool, device=dev),
+                      torch.arange(R, device=dev))
+            for t in (s.x, s.pos, s.write_pos):
+                mark_dynamic(t, (0, 1))
+            mark_dynamic(s.mask, (0, 2, 3))
+            mark_dynamic(s.slots, (0,))
+            self.shapes[key] = s
         return self.shapes[key]
 
-    def _fill(self, s: Shape, starts: list[int], rows: list[list[int]]):
-        """Copy one forward's tokens, positions, cache rows and mask into the shape's buffers."""
+    def _fill(self, s: Shape, slots: list[int], starts: list[int], counts: list[int], x: torch.Tensor):
+        """Copy one forward's inputs, positions, cache rows and mask into the shape's buffers."""
         lm = self.lm
-        R, T = s.tokens.shape
-        n_keys = s.batch.groups[0].n_keys
-        B = len(rows)
-        pos, write_pos = lm.positions(starts + [0] * (R - B), [len(r) for r in rows] + [0] * (R - B), T, "cpu")
+        R, T = s.pos.shape
+        n_keys = s.mask.shape[-1]
+        B = len(counts)
+        pos, write_pos = lm.positions(starts + [0] * (R - B), counts + [0] * (R - B), T, "cpu")
         mask = lm.causal_mask(pos, n_keys)
         mask[B:] = torch.arange(n_keys) == 0  # padding rows: one key, so attention stays finite
-        s.tokens.copy_(pad_tokens(rows + [[0]] * (R - B), "cpu"), non_blocking=True)
-        s.batch.pos.copy_(pos.clamp(max=lm.max_len - 1), non_blocking=True)
-        s.batch.write_pos.copy_(write_pos, non_blocking=True)
-        s.batch.groups[0].mask.copy_(mask[:, None], non_blocking=True)
+        s.pos.copy_(pos.clamp(max=lm.max_len - 1), non_blocking=True)
+        s.write_pos.copy_(write_pos, non_blocking=True)
+        s.mask.copy_(mask[:, None], non_blocking=True)
+        if not self.from_tokens:
+            s.slots[:B].copy_(torch.tensor(slots), non_blocking=True)
+            s.slots[B:] = slots[0]  # padding rows write only the scratch position
+        s.x[:B].copy_(x, non_blocking=True)
 
-    def _layers(self, s: Shape) -> torch.Tensor:
-        return self.lm.run_layers(self.lm.embed(s.tokens), s.batch)
-
-    def run(self, starts: list[int], rows: list[list[int]]) -> torch.Tensor:
-        """The layers' output [B, T, d] for rows[b] written at starts[b] of slot b."""
+    def run(self, slots: list[int], starts: list[int], counts: list[int], x: torch.Tensor) -> torch.Tensor:
+        """The layers' output [B, T, d] for counts[b] inputs x[b] (tokens [B, T], or hidden states
+        [B, T, d]) written at starts[b] of slots[b] (a target's slots are 0..B-1)."""
         lm = self.lm
-        B, T = len(rows), max(map(len, rows))
-        end = max(st + len(r) for st, r in zip(starts, rows))  # past the cache: positions() raises
+        B, T = len(counts), max(counts)
+        end = max(st + c for st, c in zip(starts, counts))  # past the cache: positions() raises
         R = min(pow2_at_least(B), lm.n_slots)
         n_keys = min(pow2_at_least(end, KEY_BUCKET), lm.max_len + 1)
         s = self._shape(R, T, n_keys)
-        self._fill(s, starts, rows)
+        self._fill(s, slots, starts, counts, x)
         self.replays += 1
-        if not self.capture:
-            return self._layers(s)[:B]
-        if s.graph is None:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):  # warm-up before capture (allocator, lazy init)
-                    self._layers(s)
-            torch.cuda.current_stream().wait_stream(side)
-            s.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(s.graph, pool=self.pool):
-                s.out = self._layers(s)
         t0 = time.perf_counter()
-        s.graph.replay()
-        lm.forward_s += time.perf_counter() - t0  # the layers, as run_layers counts them when eager
-        return s.out[:B]
+        if not self.capture:
+            out = self.fn(s.x, s.pos, s.write_pos, s.mask, s.slots)[:B]
+        else:
+            if s.graph is None:
+                self._capture(s)
+            s.graph.replay()
+            out = s.out[:B]
+        lm.forward_s += time.perf_counter() - t0  # the layers, as run_layers counts them
+        return out
+
+    def _capture(self, s: Shape):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up before capture (allocator, lazy init)
+                self._layers(s.x, s.pos, s.write_pos, s.mask, s.slots)
+        torch.cuda.current_stream().wait_stream(side)
+        s.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(s.graph, pool=self.pool):
+            s.out = self._layers(s.x, s.pos, s.write_pos, s.mask, s.slots)
+
+    def warm_up(self):
+        """Compile before serving: one forward of each dynamic class (one row or two, one token or
+        two) covers every bucket. It writes the first positions of slots 0 and 1, which no live
+        sequence holds yet (a sequence writes every position before it reads it)."""
+        lm = self.lm
+        if not self.compiled:
+            return  # CUDA graphs are captured per bucket on first use; eager needs nothing
+        for rows in sorted({1, min(2, lm.n_slots)}):
+            for w in (1, 2):
+                x = (torch.zeros(rows, w, dtype=torch.long) if self.from_tokens
+                     else torch.zeros(rows, w, lm.cfg.hidden_size, dtype=lm.dtype)).to(lm.first_device)
+                self.run(list(range(rows)), [0] * rows, [w] * rows, x)
+
+
+def warm_up(name: str, forwards: list[StaticForward]):
+    """Compile a model's static forwards at startup, with a progress line."""
+    todo = [f for f in forwards if f.compiled]
+    if not todo:
+        return
+    t0, before = time.perf_counter(), compilations
+    log.warning("s2d: compiling %s's static forwards (%d functions; cached in %s)...", name, len(todo), compile_cache_dir())
+    with torch.inference_mode():
+        for f in todo:
+            f.warm_up()
+    log.warning("s2d: compiled %s: %d graphs in %.1f s", name, compilations - before, time.perf_counter() - t0)

@@ -7,6 +7,7 @@ tokens (right-padded to a common T): prefill, decode and verification are the sa
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +31,31 @@ def pow2_at_least(n: int, floor: int = 1) -> int:
     return b
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX): there bf16 steps are faster
+    than fp32 end to end (docs/bench/engine.md); elsewhere bf16 is emulated and slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+
+
 def resolve_dtype(name: str, device: str) -> torch.dtype:
     if name == "auto":
-        return torch.float32 if device == "cpu" else torch.bfloat16
+        return torch.bfloat16 if device != "cpu" or cpu_has_bf16() else torch.float32
     return getattr(torch, name)
+
+
+def resolve_static(mode: str, device: str) -> str | None:
+    """What a static forward does: "on" (compiled on CPU, CUDA graphs on CUDA), "eager" (the same
+    buffers and shapes, uncompiled: tests) or None (the packed eager forward). auto is "on", or
+    "eager" where S2D_COMPILE=0 (the test suite: compiling every test's models would take minutes)."""
+    if mode == "off":
+        return None
+    if mode == "auto":
+        return "eager" if os.environ.get("S2D_COMPILE") == "0" else "on"
+    return mode
 
 
 def load_hf_config(path: str | Path, trust_remote_code: bool = False):
@@ -240,8 +262,8 @@ class CausalLM(nn.Module):
         self.first_device, self.last_device = devices[0], devices[-1]
         self.cache: KVCache | None = None
         self.forward_s = 0.0  # seconds spent in layers and head (on CPU; on a GPU, launching them)
-        # s2d/graphs.py, auto: on (CUDA graphs) on CUDA, off on CPU. Targets pass theirs
-        # (TargetSpec.static_forward); the draft runs segment by segment, eagerly
+        # s2d/graphs.py: decode and verify at static shapes, compiled or captured (resolve_static);
+        # a sorted draft builds one per segment instead
         self.static_forward = static_forward
         self.static = None
 
@@ -287,11 +309,11 @@ class CausalLM(nn.Module):
             self.w_head = self.lm_head.weight.t().contiguous()  # [d, V] (a copy when tied to the embedding)
             if not self.tied:
                 self.lm_head.weight = nn.Parameter(self.w_head.t(), requires_grad=False)
-        on_cuda = torch.device(self.first_device).type == "cuda"
-        if self.static_forward == "on" or (self.static_forward == "auto" and on_cuda):
+        self.static_mode = resolve_static(self.static_forward, self.first_device)
+        if self.static_mode:
             from s2d.graphs import StaticForward
 
-            self.static = StaticForward(self, capture=on_cuda)
+            self.static = StaticForward(self, self.static_mode)
         hd = getattr(self.cfg, "head_dim", None) or self.cfg.hidden_size // self.cfg.num_attention_heads
         self.cache = KVCache(self.n_slots, self.max_len, self.cfg.num_key_value_heads, hd, self.dtype, self.layer_devices)
         return self
@@ -347,16 +369,19 @@ class CausalLM(nn.Module):
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(tokens.to(self.first_device))
 
+    def rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [B, 1, T, D] of positions [B, T], in the model's dtype."""
+        freqs = pos[..., None].float() * self.inv_freq.to(pos.device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.rope_scale).to(self.dtype)[:, None], (emb.sin() * self.rope_scale).to(self.dtype)[:, None]
+
     def run_layers(self, h: torch.Tensor, b: Batch, start: int = 0, stop: int | None = None) -> torch.Tensor:
         t0 = time.perf_counter()
-        freqs = b.pos[..., None].float() * self.inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
         rope = {}
         for i in range(start, self.n_layers if stop is None else stop):
             dev = self.layer_devices[i]
             if dev not in rope:
-                e = emb.to(dev)
-                rope[dev] = ((e.cos() * self.rope_scale).to(self.dtype)[:, None], (e.sin() * self.rope_scale).to(self.dtype)[:, None])
+                rope[dev] = self.rope(b.pos.to(dev))
                 b_dev = b if dev == self.first_device else _batch_to(b, dev)
             h = self.model.layers[i](h.to(dev), *rope[dev], self.cache, i, b_dev)
         self.forward_s += time.perf_counter() - t0

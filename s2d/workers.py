@@ -15,7 +15,7 @@ import torch
 from s2d.cache import SlotTable
 from s2d.config import SamplingParams
 from s2d.draft import SortedDraft
-from s2d.model import KEY_BUCKET, CausalLM, pack_tokens
+from s2d.model import KEY_BUCKET, CausalLM, pack_tokens, pad_tokens
 from s2d.rejection import verify_batch
 from s2d.sampling import draw, exponentials, generator, probs_from_logits
 
@@ -322,7 +322,8 @@ class Verifier(Worker):
         n_tokens = sum(len(rs) * max(map(len, rs)) for _, _, rs in groups)  # padded: what the forward computes
         if lm.static and not fill and len(dec) == 1 and lm.static.eligible(groups[0][0], groups[0][2]):
             # the bucketed static forward (a CUDA graph on GPU): one group of rows in slots 0..B-1
-            h = lm.static.run(groups[0][1], groups[0][2])  # [B, T, d]
+            slots_, starts_, rows_ = groups[0]
+            h = lm.static.run(slots_, starts_, [len(r) for r in rows_], pad_tokens(rows_, lm.first_device))  # [B, T, d]
             layout = [(0, h.shape[1])]
             h = h.reshape(1, -1, h.shape[-1])
         else:

@@ -16,6 +16,9 @@ from s2d.tiny import llama_config, save_random_model, train_tokenizer
 
 set_local_env()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the static forwards run uncompiled (the same shapes and buffers): compiling every test's models
+# would take minutes; tests/test_compiled.py compiles on purpose
+os.environ.setdefault("S2D_COMPILE", "0")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -40,9 +43,12 @@ def family(tmp_path_factory) -> dict[str, Path]:
 
 
 def make_config(family, draft="draft", targets=("small", "large"), **target_kw) -> EngineConfig:
+    """fp32 unless asked (token-for-token checks need it; auto is bf16 on a CPU with AVX512-BF16)."""
+    kw = {"dtype": "float32", **target_kw}
     return EngineConfig.model_validate({
-        "draft": {"path": str(family[draft]), "max_seqs": 8, "max_seq_len": 256},
-        "targets": [{"name": t, "path": str(family[t]), "max_seqs": 8, "max_seq_len": 256, **target_kw} for t in targets],
+        "draft": {"path": str(family[draft]), "max_seqs": 8, "max_seq_len": 256, **{k: v for k, v in kw.items()
+                                                                                  if k in ("dtype", "static_forward")}},
+        "targets": [{"name": t, "path": str(family[t]), "max_seqs": 8, "max_seq_len": 256, **kw} for t in targets],
     })
 
 
