@@ -1,7 +1,10 @@
-"""What one step costs: each target's decode (1 token) and verify (k+1 tokens) forward, and one
-drafted token through the shared draft to each exit. Median of --reps runs after warm-up.
+"""What one step costs: each target's forward of 1 to 16 tokens (a decode, a verify of k drafts at
+k + 1), and one drafted token through the shared draft to each exit. Median of --reps runs after
+warm-up, through the path serving takes: the static-shape forward (compiled at startup where
+--static-forward is on/auto on CPU, uncompiled where eager) or the eager forward (off).
 
-    python benchmarks/step_costs.py --config demo --context 200 --reps 50 [--dtype float32] [--device cuda]
+    python benchmarks/step_costs.py --config demo [--dtype float32|bfloat16] [--static-forward on|eager|off]
+        [--context 200] [--reps 30] [--device cuda]
 """
 from __future__ import annotations
 
@@ -12,6 +15,19 @@ import torch
 from s2d.bench import median_ms
 from s2d.config import load_config
 from s2d.engine import load_draft, load_target
+from s2d.model import pad_tokens
+
+WIDTHS = (1, 2, 3, 4, 5, 6, 8, 12, 16)
+
+
+def forward_ms(m, n: int, T: int, reps: int) -> float:
+    """One row of T tokens at context n, with the LM head on its last token (as a decode or verify)."""
+    rows = [[1] * T]
+    if m.static is not None:
+        step = lambda: m.logits(m.static.run([0], [n], [T], pad_tokens(rows, m.first_device))[:, -1])  # noqa: E731
+    else:
+        step = lambda: m.logits(m.run_layers(m.embed(pad_tokens(rows, m.first_device)), m.batch([0], [n], [T]))[:, -1])  # noqa: E731
+    return median_ms(step, reps)
 
 
 @torch.inference_mode()
@@ -19,23 +35,26 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="demo")
     ap.add_argument("--context", type=int, default=200, help="tokens already in the cache")
-    ap.add_argument("--k", type=int, default=5, help="drafts verified per step")
-    ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--dtype", default=None, help="run every model in this dtype instead of the config's")
+    ap.add_argument("--static-forward", default=None, help="auto | on | eager | off instead of the config's")
     ap.add_argument("--device", default=None, help="put every model on this device (e.g. cuda)")
     a = ap.parse_args()
     cfg = load_config(a.config).on_device(a.device)
-    if a.dtype:
-        for spec in (cfg.draft, *cfg.targets):
-            spec.dtype = a.dtype
+    for spec in (cfg.draft, *cfg.targets):
+        spec.dtype = a.dtype or spec.dtype
+        spec.static_forward = a.static_forward or spec.static_forward
     n = a.context
-    print(f"context {n} tokens, median of {a.reps}, dtype {a.dtype or 'as configured'}, device {a.device or 'as configured'}\n\n| model | what | ms |\n|---|---|---|")
+    print(f"context {n} tokens, median of {a.reps}, dtype {a.dtype or 'as configured'}, static_forward "
+          f"{a.static_forward or 'as configured'}, device {a.device or 'as configured'}\n")
+    print("| target | " + " | ".join(f"{T} tok" for T in WIDTHS) + " | verify of 6 / decode |")
+    print("|---" * (len(WIDTHS) + 2) + "|")
     for t in cfg.targets:
         m = load_target(cfg, t.name)
         m(torch.zeros(1, n, dtype=torch.long), m.batch([0], [0], [n]))
-        for T, what in ((1, "decode 1 token"), (a.k + 1, f"verify {a.k} drafts")):
-            ms = median_ms(lambda: m.logits(m.run_layers(m.embed(torch.zeros(1, T, dtype=torch.long)), m.batch([0], [n], [T]))), a.reps)
-            print(f"| {t.name} | {what} | {ms:.2f} |")
+        ms = {T: forward_ms(m, n, T, a.reps) for T in WIDTHS}
+        print(f"| {t.name} | " + " | ".join(f"{ms[T]:.2f}" for T in WIDTHS) + f" | {ms[6] / ms[1]:.2f} |", flush=True)
+        del m
     draft = load_draft(cfg)
     toks = [list(range(n + 1))]
     for s in range(len(draft.exits)):
@@ -46,8 +65,9 @@ def main():
         for s in range(depth):
             draft.run_segment(s, [0], toks, [n + 1])
 
+    print("\n| draft: one token to exit | ms |\n|---|---|")
     for i, e in enumerate(draft.exits):
-        print(f"| draft | one token to exit {e} (with {i + 1} exit checks) | {median_ms(lambda: to_exit(i + 1), a.reps):.2f} |")
+        print(f"| {e} ({i + 1} segments and exit heads) | {median_ms(lambda: to_exit(i + 1), a.reps):.2f} |")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,9 @@ def _config_from_args(a):
         a.target = a.target or "target"
     else:
         raise SystemExit("give --config FILE, or --target-path DIR and --draft-path DIR")
+    for spec in (cfg.draft, *cfg.targets):
+        spec.dtype = a.dtype or spec.dtype
+        spec.static_forward = a.static_forward or spec.static_forward
     return cfg.on_device(a.device)
 
 
@@ -85,6 +88,11 @@ def main(argv=None):
     g.add_argument("--target-path", help="one-off: target checkpoint folder")
     g.add_argument("--draft-path", help="one-off: sorted draft folder")
     g.add_argument("--device", help="put every model on this device (e.g. cuda:0)")
+    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="every model's dtype (default: the config's; auto: bf16 where the CPU has it)")
+    g.add_argument("--static-forward", choices=["auto", "on", "eager", "off"], default="eager",
+                   help="on compiles the steps first (minutes on a CPU, which one generation does not win back); "
+                        "serving compiles once at startup (the config's static_forward)")
     g.add_argument("--prompt", required=True)
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
     g.add_argument("--json", action="store_true", help="print one JSON object on the last line")

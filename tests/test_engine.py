@@ -190,7 +190,7 @@ def test_config_errors_name_the_field(tmp_path, family):
 @pytest.mark.parametrize("draft", ["draft", "full-draft"])  # exits [1, 2, 3] and [2, 4]: defaults fit any draft
 def test_cli_generate_json_s2d_equals_ar(family, draft):
     args = [sys.executable, "-m", "s2d.cli", "generate", "--target-path", str(family["large"]), "--draft-path",
-            str(family[draft]), "--prompt", "def encode(o):", "--max-tokens", "20", "--json"]
+            str(family[draft]), "--prompt", "def encode(o):", "--max-tokens", "20", "--json", "--dtype", "float32"]
     runs = {m: json.loads(subprocess.run(args + ["--mode", m], capture_output=True, text=True, check=True)
                           .stdout.strip().splitlines()[-1]) for m in ("s2d", "ar")}
     assert runs["s2d"]["token_ids"] == runs["ar"]["token_ids"] and runs["s2d"]["text"] == runs["ar"]["text"]
@@ -215,9 +215,13 @@ def test_tune_finds_a_profile_for_the_draft_and_writes_it(engine, family, tmp_pa
 
 
 def test_bundled_demo_family_s2d_equals_ar():
-    """The committed family as shipped (its config, tuned profiles and dtypes): S2D and fixed exits
-    give the target's own greedy output."""
-    eng = Engine.from_config(load_config("demo"))
+    """The committed family with its config and tuned profiles, in fp32: S2D and fixed exits give the
+    target's own greedy output token for token (in bf16, as shipped on a CPU with AVX512-BF16, they
+    may leave it only at a near-tie: tests/test_lossless.py)."""
+    cfg = load_config("demo")
+    for spec in (cfg.draft, *cfg.targets):
+        spec.dtype = "float32"
+    eng = Engine.from_config(cfg)
     for target in ("demo-s", "demo-m", "demo-l"):
         for prompt in ("def read_config(path):\n", "Explain what a hash table is."):
             outs = {m: eng.generate([Request(target=target, prompt=prompt, params=greedy(40), mode=m)])[0]["token_ids"]
