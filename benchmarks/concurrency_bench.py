@@ -88,9 +88,11 @@ def main():
     ap.add_argument("--requests", type=int, default=32, help="requests per cell and method (at least 2 batches)")
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--out", default="runs/concurrency")
+    ap.add_argument("--dtype", default=None, help="every model in this dtype instead of the config's")
+    ap.add_argument("--static-forward", default=None, help="auto | on | eager | off instead of the config's")
     ap.add_argument("--static-k", type=int, default=None, help="draft_policy static, every profile's k_max = K")
     a = ap.parse_args()
-    cfg = load_config(a.config)
+    cfg = load_config(a.config).with_models(a.dtype, a.static_forward)
     if a.static_k is not None:
         cfg.scheduling.draft_policy = "static"
         for t in cfg.targets:

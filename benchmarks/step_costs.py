@@ -40,10 +40,7 @@ def main():
     ap.add_argument("--static-forward", default=None, help="auto | on | eager | off instead of the config's")
     ap.add_argument("--device", default=None, help="put every model on this device (e.g. cuda)")
     a = ap.parse_args()
-    cfg = load_config(a.config).on_device(a.device)
-    for spec in (cfg.draft, *cfg.targets):
-        spec.dtype = a.dtype or spec.dtype
-        spec.static_forward = a.static_forward or spec.static_forward
+    cfg = load_config(a.config).with_models(a.dtype, a.static_forward).on_device(a.device)
     n = a.context
     print(f"context {n} tokens, median of {a.reps}, dtype {a.dtype or 'as configured'}, static_forward "
           f"{a.static_forward or 'as configured'}, device {a.device or 'as configured'}\n")

@@ -210,7 +210,7 @@ def plots(summary: list[dict], out: Path) -> list[str]:
 def cmd_bench(a):
     from s2d.config import Profile, load_config
 
-    cfg = load_config(a.config).on_device(a.device)
+    cfg = load_config(a.config).with_models(a.dtype, a.static_forward).on_device(a.device)
     engine = Engine.from_config(cfg)
     if a.paper_profile:
         for t in cfg.targets:
@@ -250,6 +250,8 @@ def add_cli(sub):
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--spec-bench", default=None, help="path of Spec-Bench's question.jsonl")
     p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, help="every model in this dtype instead of the config's")
+    p.add_argument("--static-forward", default=None, help="auto | on | eager | off instead of the config's")
     p.add_argument("--paper-profile", action="store_true", help="use the paper's thresholds (0.5, 0.5, 0) for all")
     p.add_argument("--quick", action="store_true", help="1 prompt per task, 32 tokens")
     p.add_argument("--out", default="runs/bench")

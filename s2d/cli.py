@@ -27,10 +27,7 @@ def _config_from_args(a):
         a.target = a.target or "target"
     else:
         raise SystemExit("give --config FILE, or --target-path DIR and --draft-path DIR")
-    for spec in (cfg.draft, *cfg.targets):
-        spec.dtype = a.dtype or spec.dtype
-        spec.static_forward = a.static_forward or spec.static_forward
-    return cfg.on_device(a.device)
+    return cfg.with_models(a.dtype, a.static_forward).on_device(a.device)
 
 
 def cmd_generate(a):

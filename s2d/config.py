@@ -113,7 +113,7 @@ class Scheduling(Strict):
     prefill_budget: int = Field(256, ge=8)  # prompt tokens per tick (parts of <= 8 ride in decode rows, unbudgeted)
     long_prompt: int = Field(128, ge=8)  # a prompt of more tokens than this is long
     long_chunk: int = Field(64, ge=8)  # tokens a long prompt prefills per tick
-    # How far s2d requests draft (s2d/policy.py). goodput: per target and tick, the k (0 included)
+    # How far s2d requests draft (s2d/policy.py). goodput: per request and tick, the k (0 included)
     # that pays most by measured step costs and live acceptance; static: the profile as configured.
     draft_policy: Literal["goodput", "static"] = "goodput"
     online_thresholds: bool = True  # goodput only: exit thresholds follow live acceptance
@@ -196,6 +196,13 @@ class EngineConfig(Strict):
         for m in [cfg.draft, *cfg.targets]:
             m.device, m.devices = device, None
         return cfg
+
+    def with_models(self, dtype: str | None = None, static_forward: str | None = None) -> "EngineConfig":
+        """Every model in this dtype and static-forward mode where given (CLI and benchmark flags)."""
+        for m in [self.draft, *self.targets]:
+            m.dtype = dtype or m.dtype
+            m.static_forward = static_forward or m.static_forward
+        return self
 
 
 def load_config(path: str | Path) -> EngineConfig:

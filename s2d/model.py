@@ -269,8 +269,9 @@ class CausalLM(nn.Module):
 
     # -- loading -------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path, n_slots=8, max_len=None, dtype="auto", devices=("cpu",), trust_remote_code=False,
+    def from_pretrained(cls, path, n_slots=8, max_len=None, dtype="float32", devices=("cpu",), trust_remote_code=False,
                         static_forward="off"):
+        """A checkpoint as a model: fp32 unless asked (configs pass their dtype, "auto" included)."""
         cfg = load_hf_config(path, trust_remote_code)
         torch_dtype = resolve_dtype(dtype, devices[0]) if isinstance(dtype, str) else dtype
         with torch.device("meta"):

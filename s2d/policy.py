@@ -1,20 +1,28 @@
-"""The draft policy (goodput-aware): per target and per tick, how far to draft (k, 0 meaning no
-speculation) and at which exits, from measured step costs and the target's live acceptance.
+"""The draft policy (goodput-aware): per request and per tick, how far to draft (k, 0 meaning no
+speculation), and per target at which exits, from measured step costs and live acceptance.
 
 - `StepCosts` keeps the seconds each forward takes, per model, batch-size bucket and tokens per row,
   as measured by the workers on live traffic.
-- `TargetPolicy.choose_k` picks the k that maximises expected tokens per second of a round,
-  E[tokens | k] / (verify(B, k + 1) + draft(k) + engine), against k = 0, plain decoding. So a weak
-  pairing, or a load where verification stops being nearly free, turns speculation off.
+- Each sequence keeps its own decayed acceptance per draft position (`Acceptance`), which starts as
+  a few rounds at its target's (kept apart for greedy and sampled requests).
+- Each sequence's k maximises its expected tokens per second of a round,
+  E[tokens | k] / (verify(B, k + 1) + draft(k) + engine), against k = 0, plain decoding; then the
+  target's batch, which verifies as wide as its widest row, keeps the widest k that pays for all of
+  its rows. So a code request drafts long beside a random-token one that does not draft, and a
+  load where verification stops being nearly free turns speculation off.
+- The draft's catch-up (prefilling tokens it missed while a sequence did not draft) is paid once, by
+  the sequence that starts drafting, spread over the rounds it has left: it is not a cost of drafting.
+- With nothing measured yet a request drafts as its profile says (k_max): that measures both the
+  acceptance and the costs.
 - `TargetPolicy.thresholds` follow live acceptance: for every exit but the last, per confidence
   bin, how often that exit's argmax and the next exit's agree with the token the target verified.
   Exiting early at a confidence pays when the acceptance it loses, weighted by the tokens riding on
   it (MAT), costs less than what the saved segment buys at the current rate.
 
-Both explore a little, so estimates stay live where the policy is not looking: while drafting,
-all rows try a neighbouring k now and then, and one tick in PROBE_EVERY drafts through every exit;
-while speculation is off, one row tries k = 1 within a time budget (OFF_BUDGET). Drafts from any
-k and exit are verified by the target, so every choice is lossless; the policy only changes speed."""
+Both explore a little, so estimates stay live where the policy is not looking: every EXPLORE_EVERY
+ticks the drafting rows try a neighbouring k, and one tick in PROBE_EVERY drafts through every exit;
+a row that does not draft tries k = 1 now and then, within a time budget (OFF_BUDGET). Drafts from
+any k and exit are verified by the target, so every choice is lossless; the policy only changes speed."""
 from __future__ import annotations
 
 import math
@@ -26,13 +34,12 @@ from s2d.model import pow2_at_least
 
 DECAY = 0.98  # per observation: old traffic fades, so the policy follows a change of load or content
 BINS = 10  # confidence bins per exit
-EXPLORE_EVERY = 16  # ticks between rounds with a neighbouring k while speculation is on
-OFF_BUDGET = 0.02  # while it is off, probes may cost this share of the time: a probe pays the draft's
-#                    catch-up on every token the probing row missed, so they come rarer as that grows
+EXPLORE_EVERY = 16  # ticks between rounds with a neighbouring k for the drafting rows
+OFF_BUDGET = 0.02  # rows that do not draft may try k = 1 within this share of the time: a probe pays the
+#                    draft's catch-up on every token the probing row missed, so they come rarer as that grows
 PROBE_EVERY = 8  # ticks: one in this many drafts through every exit (for the thresholds)
-REDECIDE = 8  # ticks a choice of k stands (at the same load)
-MIN_ROUNDS = 8.0  # decayed rounds of acceptance before the policy trusts its estimates
-LEARN_K = 2  # drafts per round while it learns
+MIN_ROUNDS = 8.0  # decayed rounds of a target's acceptance before the policy trusts it over the profile
+PRIOR_ROUNDS = 8.0  # rounds at its target's acceptance that a new sequence's own counts start from
 MIN_BIN = 6.0  # decayed samples in a confidence bin before its rule counts
 PRIOR_SLOPE = 0.05  # extra tokens per row, as a fraction of a 1-token forward, before one is measured
 
@@ -101,7 +108,8 @@ class StepCosts:
 @dataclass
 class Acceptance:
     """Decayed counts per draft position i: rounds whose cap allowed a draft there, drafts offered
-    there, and drafts accepted there (all before it accepted too)."""
+    there, and drafts accepted there (all before it accepted too). Each target keeps one per kind of
+    request (greedy, sampled), and each sequence its own."""
 
     capped: list[float] = field(default_factory=list)
     offered: list[float] = field(default_factory=list)
@@ -115,15 +123,31 @@ class Acceptance:
             self.offered[i] += i < drafts
             self.accepted[i] += i < accepted
 
-    def expected(self, k: int) -> tuple[float, float]:
-        """(tokens a round emits, drafts it makes) with at most k drafts."""
-        tokens, drafts = 1.0, 0.0
+    def curve(self, k: int) -> list[tuple[float, float]]:
+        """(tokens a round emits, drafts it makes) with at most 0, 1, .. k drafts, as far as the
+        positions are measured. A draft is offered, and accepted, only where the one before it was:
+        no position's rate exceeds the one before (counts gathered under different caps could say so)."""
+        out, accept, offer = [(1.0, 0.0)], 1.0, 1.0
         for i in range(min(k, len(self.capped))):
             if self.capped[i] < 1e-9:
                 break
-            tokens += self.accepted[i] / self.capped[i]
-            drafts += self.offered[i] / self.capped[i]
-        return tokens, drafts
+            accept = min(accept, self.accepted[i] / self.capped[i])
+            offer = min(offer, self.offered[i] / self.capped[i])
+            tokens, drafts = out[-1]
+            out.append((tokens + accept, drafts + offer))
+        return out
+
+    def expected(self, k: int) -> tuple[float, float]:
+        """(tokens a round emits, drafts it makes) with at most k drafts."""
+        return self.curve(k)[-1]
+
+    def seed(self, prior: "Acceptance"):
+        """Start a sequence's counts as PRIOR_ROUNDS rounds at its target's rates: its own rounds
+        outweigh them as they come, and a later change of its target's (which only drafting rows
+        feed) leaves them be."""
+        mine, theirs = (self.capped, self.offered, self.accepted), (prior.capped, prior.offered, prior.accepted)
+        for arr, counts in zip(mine, theirs):
+            arr[:] = [PRIOR_ROUNDS * x / n if n > 1e-9 else 0.0 for x, n in zip(counts, prior.capped)]
 
     @property
     def rounds(self) -> float:
@@ -131,16 +155,145 @@ class Acceptance:
 
 
 @dataclass
-class Load:
-    """What a target's policy chose at one load (batch-size buckets), and when it looks around."""
+class Row:
+    """An s2d sequence as the policy sees it in a tick."""
 
+    seq_id: str
+    target: str
+    greedy: bool
+    acceptance: Acceptance  # its own
+    catchup: int  # tokens the draft must prefill before it can draft for it (none while it drafts)
+    remaining: int  # tokens it may still emit
+
+
+@dataclass
+class RoundCosts:
+    """A target's costs of a round in this tick, read once from StepCosts: its verify at each width
+    (verify[k]: k + 1 tokens per row), a draft step and the draft call's fixed part at this tick's
+    draft batch, the engine's own work without and with drafting, and one token of catch-up."""
+
+    verify: list[float]
+    step: float
+    fixed: float
+    engine: tuple[float, float]
+    catchup: float
+
+    @classmethod
+    def read(cls, costs: StepCosts, target: str, rows: int, draft_rows: int, k_max: int) -> "RoundCosts | None":
+        """None while one of them was never measured."""
+        verify = [costs.predict(f"verify:{target}", rows, k + 1) for k in range(k_max + 1)]
+        step, fixed = costs.predict("draft_step", draft_rows), costs.predict("draft_call", draft_rows)
+        if None in verify or step is None or fixed is None:
+            return None
+        engine = (costs.predict("engine", rows, 1) or 0.0, costs.predict("engine", rows, 2) or 0.0)
+        return cls(verify, step, fixed, engine, costs.predict("draft_prefill", 1) or 0.0)
+
+    def seconds(self, k: int, drafts: float) -> float:
+        """A round verifying k + 1 tokens per row, its draft making `drafts` steps (never 0 s: pipelined
+        ticks overlap, so the engine's own time can measure 0)."""
+        if k == 0:
+            return max(self.verify[0] + self.engine[0], 1e-9)
+        return max(self.verify[k] + drafts * self.step + self.fixed + self.engine[1], 1e-9)
+
+
+@dataclass
+class Choice:
+    """A row's own best k, and what the batch's width needs to know of it."""
+
+    row: Row
+    top: int  # the most it may draft
     k: int
-    decided_at: int
-    next_explore: int
-    credit: float = 0.0  # seconds of probing earned while speculation is off
+    curve: list[tuple[float, float]]  # Acceptance.curve: (tokens, drafts) of a round per k
+    catchup_s: float  # its catch-up, paid once if it starts drafting
+
+    def catchup(self, k: int) -> float:
+        """Its catch-up's share of a round at k: spread over the rounds it has left."""
+        return self.catchup_s * self.curve[k][0] / self.row.remaining if k else 0.0
+
+
+def choose(row: Row, kind: "TargetPolicy", t: RoundCosts) -> Choice:
+    """The k, 0 included, that maximises this row's expected tokens per second of a round: by its own
+    acceptance (seeded by its target's where it has none), the target's whole batch verified at
+    k + 1 per row."""
+    if not row.acceptance.capped:
+        row.acceptance.seed(kind.acc)
+    top = max(min(kind.k_max, row.remaining - 1), 0)
+    c = Choice(row, top, 0, row.acceptance.curve(top), row.catchup * t.catchup)
+    rates = [tokens / (t.seconds(k, drafts) + c.catchup(k)) for k, (tokens, drafts) in enumerate(c.curve)]
+    c.k = max(range(len(rates)), key=rates.__getitem__)  # the first of equals: the fewest drafts
+    return c
+
+
+def widest(choices: list[Choice], t: RoundCosts, plain: int) -> tuple[int, float, float]:
+    """(the batch's cap on k, its round's seconds, its tokens per second): every row verifies as wide
+    as the widest, so the rows' choices stand only as far as they pay for the whole batch (one
+    high-acceptance row does not slow many others down). `plain`: rows of a token each whatever k."""
+    best = (0, 0.0, -1.0)
+    for cap in range(max(c.k for c in choices) + 1):
+        ks = [min(c.k, cap) for c in choices]
+        tokens = plain + sum(c.curve[k][0] for c, k in zip(choices, ks))
+        drafts = max(c.curve[k][1] for c, k in zip(choices, ks))  # draft steps run while any row drafts
+        seconds = t.seconds(cap, drafts) + sum(c.catchup(k) for c, k in zip(choices, ks))
+        if tokens / seconds > best[2]:
+            best = (cap, seconds, tokens / seconds)
+    return best
+
+
+class TargetBatch:
+    """A target's verify batch from tick to tick: its rows' k, when the drafting rows look around,
+    and the probing budget earned while some rows do not draft."""
+
+    def __init__(self):
+        self.ticks, self.credit = 0, 0.0
+
+    def caps(self, rows: list[Row], kinds: dict[bool, "TargetPolicy"], t: RoundCosts | None, plain: int
+             ) -> dict[str, int]:
+        """Each row's cap on drafts; `kinds`: the target's policy per greedy; `plain`: the batch's
+        rows with no choice (ar, fixed). With nothing measured to go by (a cost, or the kind's
+        acceptance), a row drafts as its profile says, which measures it."""
+        self.ticks += 1
+        ks, choices = {}, []
+        for r in rows:
+            kind = kinds[r.greedy]
+            if t is None or kind.acc.rounds < MIN_ROUNDS:
+                ks[r.seq_id] = kind.k_max
+            else:
+                choices.append(choose(r, kind, t))
+        used = {kinds[r.greedy] for r in rows}
+        if choices:
+            cap, seconds, rate = widest(choices, t, plain + len(ks))
+            ks |= {c.row.seq_id: min(c.k, cap) for c in choices}
+            for kind in used:
+                kind.rate = rate / (len(rows) + plain)
+        for kind in used:  # the gauge: what the rows chose, before they look around
+            kind.last_k = max(ks[r.seq_id] for r in rows if kinds[r.greedy] is kind)
+        if choices:
+            self._look_around(choices, ks, t, seconds)
+        return ks
+
+    def _look_around(self, choices: list[Choice], ks: dict[str, int], t: RoundCosts, seconds: float):
+        """Every EXPLORE_EVERY ticks the drafting rows try a neighbouring k; a row that does not draft
+        tries k = 1 once OFF_BUDGET of the rounds' time since the last probe covers the probe's cost
+        (its catch-up and a drafting round's extra time), the row with the least to catch up first."""
+        if self.ticks % EXPLORE_EVERY == 0:
+            for c in choices:
+                k = ks[c.row.seq_id]
+                if k:
+                    ks[c.row.seq_id] = k + 1 if k < c.top else k - 1
+        off = [c for c in choices if ks[c.row.seq_id] == 0 and c.top > 0]
+        if not off:
+            return
+        self.credit += OFF_BUDGET * seconds
+        c = min(off, key=lambda c: c.row.catchup)
+        if self.credit >= c.catchup_s + t.seconds(1, 1) - t.seconds(0, 0):
+            self.credit = 0.0
+            ks[c.row.seq_id] = 1
 
 
 class TargetPolicy:
+    """One kind of request (greedy or sampled) to one target: its live acceptance (the prior of each
+    of its sequences' own) and its exit thresholds."""
+
     def __init__(self, target: str, exits: list[int], thresholds: list[float], k_max: int,
                  online_thresholds: bool = True):
         self.target, self.exits, self.k_max = target, exits, k_max
@@ -150,70 +303,8 @@ class TargetPolicy:
         # per exit but the last, per confidence bin: [samples, this exit agreed, the next exit agreed]
         self.bins = [[[0.0, 0.0, 0.0] for _ in range(BINS)] for _ in exits[:-1]]
         self.ticks = 0
-        self.loads: dict[tuple[int, int], Load] = {}
-        self.last_k = k_max
-        self.rate = 0.0  # tokens per second per row of the last choice (for the threshold rule)
-
-    # -- how far to draft ------------------------------------------------------------------------
-    def round_cost(self, costs: StepCosts, rows: int, draft_rows: int, k: int) -> float | None:
-        """Seconds of a round with at most k drafts: the verify forward, the draft's steps (each one
-        token for every drafting row, exit decisions and sampling included) and the draft call's
-        fixed part, and the engine's own work (which drafting adds to: proposals to route, traces)."""
-        verify = costs.predict(f"verify:{self.target}", rows, k + 1)
-        overhead = costs.predict("engine", rows, 2 if k else 1) or 0.0
-        if verify is None or k == 0:
-            return None if verify is None else verify + overhead
-        step, fixed = costs.predict("draft_step", draft_rows), costs.predict("draft_call", draft_rows)
-        if step is None or fixed is None:
-            return None
-        return verify + self.acc.expected(k)[1] * step + fixed + overhead
-
-    def choose_k(self, costs: StepCosts, rows: int, draft_rows: int, missed: int = 0) -> tuple[int, int]:
-        """(the cap on drafts for this target's `rows` decode rows this tick, the cap for one of
-        them): the draft batch holds `draft_rows` rows of every target; `missed` is how many tokens
-        the draft lacks of the row that would probe. Each load (batch buckets) keeps its own choice,
-        made again every REDECIDE ticks. While speculation is on, all rows try a neighbouring k every
-        EXPLORE_EVERY ticks; while it is off, one row tries k = 1 once OFF_BUDGET of the plain
-        rounds' time since the last probe covers the probe's cost (its catch-up included): probes
-        take at most that share of the time."""
-        self.ticks += 1
-        if self.acc.rounds < MIN_ROUNDS:  # learn acceptance first, cheaply: deeper k is tried later, a step at a time
-            return min(LEARN_K, self.k_max), min(LEARN_K, self.k_max)
-        key = (bucket(rows), bucket(draft_rows))
-        load = self.loads.get(key)
-        if load is None:
-            load = self.loads[key] = Load(self._best_k(costs, rows, draft_rows), self.ticks,
-                                          next_explore=self.ticks + EXPLORE_EVERY // 2)
-        elif self.ticks >= load.decided_at + REDECIDE:
-            load.k, load.decided_at = self._best_k(costs, rows, draft_rows), self.ticks
-        self.last_k = load.k
-        if load.k == 0:
-            load.credit += OFF_BUDGET * (self.round_cost(costs, rows, draft_rows, 0) or 0.0)
-            probe = self.round_cost(costs, 1, 1, 1) or 0.0
-            probe += missed * (costs.predict("draft_prefill", 1) or 0.0)
-            wide, narrow = (costs.predict(f"verify:{self.target}", rows, w) for w in (2, 1))
-            probe += max((wide or 0.0) - (narrow or 0.0), 0.0)  # one row's draft widens the whole batch's verify
-            if load.credit < probe:
-                return 0, 0
-            load.credit = 0.0
-            return 0, 1
-        if self.ticks < load.next_explore:
-            return load.k, load.k
-        load.next_explore = self.ticks + EXPLORE_EVERY
-        probe = load.k + 1 if load.k < self.k_max else load.k - 1
-        return probe, probe
-
-    def _best_k(self, costs: StepCosts, rows: int, draft_rows: int) -> int:
-        best, best_rate = 0, -1.0
-        for k in range(self.k_max + 1):
-            cost = self.round_cost(costs, rows, max(draft_rows, rows), k)
-            if cost is None:  # a cost never measured: measure it
-                return k
-            rate = self.acc.expected(k)[0] / max(cost, 1e-9)
-            if rate > best_rate:
-                best, best_rate = k, rate
-        self.rate = best_rate
-        return best
+        self.last_k = k_max  # the widest k its rows drafted in their last tick
+        self.rate = 0.0  # tokens per second per row of its batch's last choice (for the threshold rule)
 
     # -- where to exit ---------------------------------------------------------------------------
     def thresholds(self) -> list[float]:
@@ -225,8 +316,6 @@ class TargetPolicy:
     def record(self, k: int, drafts: int, trace: list[list[tuple[float, int]]], tokens: list[int], accepted: int):
         """One round of a sequence: its cap, how many it drafted, each draft's (confidence, argmax)
         at the exits it passed, and what the target emitted."""
-        if k <= 0:
-            return
         self.acc.record(k, drafts, accepted)
         if not self.online:  # the bins feed only the online thresholds
             return
@@ -271,8 +360,8 @@ class TargetPolicy:
 
 class DraftPolicy:
     """The scheduler's policy over every target: one cost table (the draft is shared, each target
-    has its own verify costs) and a TargetPolicy per target. `mode` "static" leaves every profile
-    as configured (what `s2d tune` measures)."""
+    has its own verify costs), a TargetPolicy per target and kind of request, a TargetBatch per
+    target. `mode` "static" leaves every profile as configured (what `s2d tune` measures)."""
 
     UPDATE_EVERY = 32  # ticks between threshold updates
 
@@ -282,6 +371,7 @@ class DraftPolicy:
         self.costs = costs or StepCosts()
         # one policy per target and kind of request: greedy and sampled requests accept differently
         self.targets = {(t, greedy): self._new(t, p) for t, p in profiles.items() for greedy in (True, False)}
+        self.batches = defaultdict(TargetBatch)
         self.ticks = 0
 
     def _new(self, target: str, profile) -> TargetPolicy:
@@ -290,28 +380,40 @@ class DraftPolicy:
     def reset(self, target: str, profile):
         for greedy in (True, False):
             self.targets[target, greedy] = self._new(target, profile)
+        self.batches.pop(target, None)
 
-    def caps(self, rows: dict[tuple[str, bool], int], draft_rows: int, missed: dict[tuple[str, bool], int]
-             ) -> dict[tuple[str, bool], tuple[int, int, list[float]]]:
-        """Per target with decode rows this tick: (the cap on drafts, the cap for the probing row,
-        the exit thresholds), keyed by (target, greedy); `missed`, keyed by those with an s2d row: the
-        tokens the draft lacks of the row that would probe. Keys with only ar or fixed rows have
-        nothing to decide. The verify cost is the target's whole batch, greedy and sampled rows together."""
+    def caps(self, batch: dict[str, int], draft_rows: int, rows: list[Row]) -> dict[str, tuple[int, list[float]]]:
+        """Per s2d row, by seq_id: (its cap on drafts this tick, its kind's exit thresholds).
+        `batch`: each target's rows this tick, ar and fixed ones too (the verify is the whole
+        batch); `draft_rows`: the rows the draft may draft for, of every target."""
         if self.mode == "static":
             return {}
-        batch = defaultdict(int)
-        for (t, _), n in rows.items():
-            batch[t] += n
-        return {key: (*self.targets[key].choose_k(self.costs, batch[key[0]], draft_rows, missed[key]),
-                      self.targets[key].thresholds()) for key in missed}
+        by_target = defaultdict(list)
+        for r in rows:
+            by_target[r.target].append(r)
+        out = {}
+        for target, mine in by_target.items():
+            kinds = {g: self.targets[target, g] for g in (True, False)}
+            t = RoundCosts.read(self.costs, target, batch[target], max(draft_rows, 1), kinds[True].k_max)
+            ks = self.batches[target].caps(mine, kinds, t, batch[target] - len(mine))
+            thresholds = {}
+            for g in {r.greedy for r in mine}:
+                kinds[g].ticks += 1
+                thresholds[g] = kinds[g].thresholds()
+            out |= {r.seq_id: (ks[r.seq_id], thresholds[r.greedy]) for r in mine}
+        return out
 
     def drafts(self, target: str) -> bool:
         """Whether the target's s2d requests draft at present (the scheduler splits cohorts only then)."""
         return self.mode == "static" or any(self.targets[target, g].last_k > 0 for g in (True, False))
 
-    def record(self, key: tuple[str, bool], k: int, outcome):
-        if self.mode != "static":
-            self.targets[key].record(k, len(outcome.drafts), outcome.trace, outcome.tokens, outcome.accepted)
+    def record(self, key: tuple[str, bool], own: Acceptance, k: int, outcome):
+        """A round of an s2d sequence that drafted (at most k): its target's acceptance and its own
+        learn from it."""
+        if self.mode == "static" or k <= 0:
+            return
+        self.targets[key].record(k, len(outcome.drafts), outcome.trace, outcome.tokens, outcome.accepted)
+        own.record(k, len(outcome.drafts), outcome.accepted)
 
     def observe(self, verified: list, wall_s: float, draft_rows: int):
         """A finished tick: its forwards' measured seconds, and the engine's own time around them."""
@@ -323,14 +425,17 @@ class DraftPolicy:
                     self.costs.observe(f"verify:{v.target}", f.rows, f.tokens // max(f.rows, 1), f.seconds)
         drafting = verified[0].draft_forwards if verified else []
         steps = [f for f in drafting if f.what == "draft_step"]
+        catchup_s = 0.0
         for f in drafting:
             if f.what.startswith("draft"):
                 self.costs.observe(f.what, f.rows, 1, f.seconds)
-            elif f.what == "prefill":  # the draft catching up: per token
+            elif f.what == "prefill":  # the draft catching up (prompts, missed tokens): per token, apart
                 self.costs.observe("draft_prefill", 1, 1, f.seconds / max(f.tokens, 1))
+                catchup_s += f.seconds
         draft_s = verified[0].draft_busy_s if verified else 0.0
-        if steps:  # what a draft call costs besides its steps (syncing tokens, catching up, prefill)
-            self.costs.observe("draft_call", steps[0].rows, 1, max(draft_s - sum(f.seconds for f in steps), 0.0))
+        if steps:  # what a draft call costs besides its steps and its catch-up (syncing tokens, releases)
+            self.costs.observe("draft_call", steps[0].rows, 1,
+                               max(draft_s - catchup_s - sum(f.seconds for f in steps), 0.0))
         verify_s = sum(f.seconds for v in verified for f in v.forwards)
         rows = sum(len(v.outcomes) for v in verified)  # the engine's own work: 1 wide without drafting, 2 with
         self.costs.observe("engine", rows, 2 if steps else 1, max(wall_s - draft_s - verify_s, 0.0))

@@ -17,7 +17,7 @@ from collections import deque
 from s2d.config import Limits, Scheduling
 from s2d.executor import Executor, Tick, Verified
 from s2d.metrics import Breakdown, SpecStats
-from s2d.policy import DraftPolicy
+from s2d.policy import DraftPolicy, Row
 from s2d.request import DuplicateRequest, Overloaded, Request, RequestError, UnknownTarget, check_request
 from s2d.sequence import Delta, Sequence
 
@@ -151,15 +151,12 @@ class Scheduler:
         sched = self.sched
         is_long = {s.seq_id: bool(s.pending) and not s.out and len(s.prompt_ids) > sched.long_prompt for s in candidates}
         first_long = next((s for s in candidates if is_long[s.seq_id]), None)
-        rows = {(t, g): 0 for t in self.target_slots for g in (True, False)}  # the policy's keys: (target, greedy)
-        probe = {}  # per key, the row whose draft cache lags least: it probes when the policy asks one row
+        batch = {t: 0 for t in self.target_slots}  # each target's verify rows
         for s in candidates:
-            key = s.target, s.params.greedy
-            rows[key] += 1
-            if s.plan.adaptive and (key not in probe or s.missed < probe[key].missed):
-                probe[key] = s
-        caps = self._policy(self.policy.caps, rows, sum(s.plan.k_max > 0 for s in candidates),
-                            {key: s.missed for key, s in probe.items()}) or {}
+            batch[s.target] += 1
+        rows = [Row(s.seq_id, s.target, s.params.greedy, s.acceptance, s.catchup, s.remaining)
+                for s in candidates if s.plan.adaptive]
+        caps = self._policy(self.policy.caps, batch, sum(s.plan.k_max > 0 for s in candidates), rows) or {}
         budget, seqs, work = sched.prefill_budget, [], []
         for s in sorted(candidates, key=lambda s: s is not first_long):  # stable: in admission order
             if s is first_long:
@@ -168,10 +165,8 @@ class Scheduler:
                 continue  # one long prompt per tick
             else:
                 allowance = budget
-            key = s.target, s.params.greedy
-            if s.plan.adaptive and key in caps:
-                k, k_one, thresholds = caps[key]
-                w, used = s.work(allowance, k_one if probe.get(key) is s else k, thresholds)
+            if s.seq_id in caps:
+                w, used = s.work(allowance, *caps[s.seq_id])
             else:
                 w, used = s.work(allowance)
             if w is not None:
@@ -202,7 +197,7 @@ class Scheduler:
                 continue
             o = outcomes[s.seq_id]
             if s.plan.adaptive and o.decoded and not o.resync and not o.error:
-                self._policy(self.policy.record, (s.target, s.params.greedy), s.drafting_k, o)
+                self._policy(self.policy.record, (s.target, s.params.greedy), s.acceptance, s.drafting_k, o)
             try:
                 d = s.accept(o)
             except Exception as e:  # noqa: BLE001 - e.g. its detokenization: this request alone fails

@@ -11,6 +11,7 @@ from s2d.config import Profile, SamplingParams
 from s2d.detok import Detokenizer
 from s2d.executor import Outcome, Work
 from s2d.metrics import SpecStats
+from s2d.policy import Acceptance
 from s2d.request import RequestError
 from s2d.workers import INLINE_TOKENS
 
@@ -117,6 +118,7 @@ class Sequence:
         self.round = 0
         self.drafting_k = 0  # the cap on drafts of the work in flight
         self.drafted_upto = 0  # the draft has seen tokens[:drafted_upto] (it never sees work with k = 0)
+        self.acceptance = Acceptance()  # its own, per draft position: the draft policy's estimate of it
         self.stats = SpecStats()
         self.detok = Detokenizer(tokenizer, self.out)
         self.text = self.detok.text
@@ -131,9 +133,14 @@ class Sequence:
         return self.prompt_ids + self.out
 
     @property
-    def missed(self) -> int:
-        """Tokens the draft would have to catch up on before drafting for this sequence."""
-        return len(self.prompt_ids) + len(self.out) - self.drafted_upto
+    def catchup(self) -> int:
+        """Tokens the draft would have to catch up on (prefill) before drafting for this sequence: none
+        while it drafts (what its last round emitted rides in its next decode row)."""
+        return 0 if self.drafting_k else len(self.prompt_ids) + len(self.out) - self.drafted_upto
+
+    @property
+    def remaining(self) -> int:
+        return self.params.max_tokens - len(self.out)
 
     @property
     def pending(self) -> int:
@@ -154,9 +161,8 @@ class Sequence:
         if chunk and budget < INLINE_TOKENS:
             return None, 0
         end = self.synced + budget if chunk else len(tokens)
-        remaining = self.params.max_tokens - len(self.out)
         k_max = self.plan.k_max if k_cap is None else k_cap
-        k = k_max if chunk else max(0, min(k_max, remaining - 1, self.context - len(tokens) - 1))
+        k = k_max if chunk else max(0, min(k_max, self.remaining - 1, self.context - len(tokens) - 1))
         w = Work(self.seq_id, self.target, self.synced, tokens[self.synced:end], k, thresholds or self.plan.thresholds,
                  self.plan.stop_threshold, self.params, self.seed * 1_000_003 + 2 * self.round, decode=not chunk)
         self.drafting_k = k
