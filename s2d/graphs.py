@@ -98,10 +98,9 @@ class StaticForward:
         self.replays = 0  # forwards served by this path (stats, tests)
         self.one_device = lm.first_device == lm.last_device and len(set(lm.layer_devices)) == 1
 
-    def eligible(self, slots: list[int], rows: list[list[int]] | list[int]) -> bool:
-        width = max(len(r) for r in rows) if rows and isinstance(rows[0], list) else max(rows)
+    def eligible(self, slots: list[int], counts: list[int]) -> bool:
         contiguous = not self.from_tokens or slots == list(range(len(slots)))
-        return self.one_device and contiguous and width <= MAX_WIDTH
+        return self.one_device and contiguous and max(counts) <= MAX_WIDTH
 
     def _layers(self, x, pos, write_pos, mask, slots):
         """[R, T, d]: the layers over static buffers, pure tensor code (compiled or captured)."""

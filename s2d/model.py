@@ -33,7 +33,7 @@ def pow2_at_least(n: int, floor: int = 1) -> int:
 
 def cpu_has_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX): there bf16 steps are faster
-    than fp32 end to end (docs/bench/engine.md); elsewhere bf16 is emulated and slower."""
+    than fp32 (docs/bench/compiled.md); torch has no query for it. Elsewhere bf16 is emulated and slower."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:

@@ -320,10 +320,10 @@ class Verifier(Worker):
             self.batch_sizes.append(len(items))
         t0 = time.perf_counter()
         n_tokens = sum(len(rs) * max(map(len, rs)) for _, _, rs in groups)  # padded: what the forward computes
-        if lm.static and not fill and len(dec) == 1 and lm.static.eligible(groups[0][0], groups[0][2]):
-            # the bucketed static forward (a CUDA graph on GPU): one group of rows in slots 0..B-1
-            slots_, starts_, rows_ = groups[0]
-            h = lm.static.run(slots_, starts_, [len(r) for r in rows_], pad_tokens(rows_, lm.first_device))  # [B, T, d]
+        one = groups[0] if lm.static and not fill and len(dec) == 1 else None  # (slots, starts, rows)
+        if one and lm.static.eligible(one[0], counts := [len(r) for r in one[2]]):
+            # the bucketed static forward (compiled on CPU, a CUDA graph on GPU): one group of rows in slots 0..B-1
+            h = lm.static.run(one[0], one[1], counts, pad_tokens(one[2], lm.first_device))  # [B, T, d]
             layout = [(0, h.shape[1])]
             h = h.reshape(1, -1, h.shape[-1])
         else:
