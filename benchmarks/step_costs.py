@@ -4,13 +4,15 @@ warm-up, through the path serving takes: the static-shape forward (compiled at s
 --static-forward is on/auto on CPU, uncompiled where eager) or the eager forward (off).
 
     python benchmarks/step_costs.py --config demo [--dtype float32|bfloat16] [--static-forward on|eager|off]
-        [--context 200] [--reps 30] [--device cuda]
+        [--context 200] [--reps 30] [--device cuda] [--targets demo-l]
 """
 from __future__ import annotations
 
 import argparse
 
 import torch
+
+import s2d.graphs
 
 from s2d.bench import median_ms
 from s2d.config import load_config
@@ -39,6 +41,7 @@ def main():
     ap.add_argument("--dtype", default=None, help="run every model in this dtype instead of the config's")
     ap.add_argument("--static-forward", default=None, help="auto | on | eager | off instead of the config's")
     ap.add_argument("--device", default=None, help="put every model on this device (e.g. cuda)")
+    ap.add_argument("--targets", nargs="*", default=None, help="only these targets (default: all)")
     a = ap.parse_args()
     cfg = load_config(a.config).with_models(a.dtype, a.static_forward).on_device(a.device)
     n = a.context
@@ -47,6 +50,8 @@ def main():
     print("| target | " + " | ".join(f"{T} tok" for T in WIDTHS) + " | verify of 6 / decode |")
     print("|---" * (len(WIDTHS) + 2) + "|")
     for t in cfg.targets:
+        if a.targets is not None and t.name not in a.targets:
+            continue
         m = load_target(cfg, t.name)
         m(torch.zeros(1, n, dtype=torch.long), m.batch([0], [0], [n]))
         ms = {T: forward_ms(m, n, T, a.reps) for T in WIDTHS}
@@ -65,6 +70,7 @@ def main():
     print("\n| draft: one token to exit | ms |\n|---|---|")
     for i, e in enumerate(draft.exits):
         print(f"| {e} ({i + 1} segments and exit heads) | {median_ms(lambda: to_exit(i + 1), a.reps):.2f} |")
+    print(f"\ngraphs compiled in all: {s2d.graphs.compilations}")
 
 
 if __name__ == "__main__":

@@ -68,12 +68,12 @@ class SortedDraft:
     def __init__(self, lm: CausalLM, exits: list[int]):
         self.lm, self.exits = lm, exits
         self.bounds = list(zip([0, *exits[:-1]], exits))
-        # each segment's step at static shapes (compiled on CPU, captured on CUDA) where the model has them
-        self.static = [StaticForward(lm, lm.static_mode, bounds) for bounds in self.bounds] if lm.static else []
-        lm.static = None  # the whole stack is never run at once
-        self.fill = [[0] * len(exits) for _ in range(lm.n_slots)]
         # one scratch position past the end takes the padding's writes, as in KVCache: no mask to count
         self.hidden = torch.zeros(lm.n_slots, lm.max_len + 1, lm.cfg.hidden_size, dtype=lm.dtype, device=lm.last_device)
+        # each segment's step, exit head included, at static shapes (compiled on CPU, captured on CUDA)
+        self.static = [StaticForward(lm, lm.static_mode, bounds, self.hidden) for bounds in self.bounds] if lm.static else []
+        lm.static = None  # the whole stack is never run at once
+        self.fill = [[0] * len(exits) for _ in range(lm.n_slots)]
 
     @classmethod
     def from_pretrained(cls, path, **kw) -> "SortedDraft":
@@ -89,29 +89,35 @@ class SortedDraft:
             self.run_segment(s, slots, tokens, ends, logits=False)
 
     def run_segment(self, s: int, slots: list[int], tokens: list[list[int]], ends: list[int],
-                    logits: bool = True) -> torch.Tensor | None:
+                    logits: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """Bring segment s up to position ends[b] (exclusive) for each slot; return the exit's
-        logits at each slot's last position [B, V]. `tokens` feeds segment 0."""
+        logits [B, V] at each slot's last position, and its confidence (top probability) and argmax
+        [B]. `tokens` feeds segment 0."""
         lm = self.lm
         dev = lm.first_device
         starts = [self.fill[sl][s] for sl in slots]
         counts = [e - st for e, st in zip(ends, starts)]
-        T = max(counts)
-        _, write_pos = lm.positions(starts, counts, T, dev)  # [B, T]
-        slot_idx = torch.tensor(slots, device=dev)[:, None].expand(-1, T)
-        if s == 0:
-            h = lm.embed(pad_tokens([t[st:e] for t, st, e in zip(tokens, starts, ends)], dev))
-        else:
-            h = self.hidden[slot_idx, write_pos]  # [B, T, d]
+        x = pad_tokens([t[st:e] for t, st, e in zip(tokens, starts, ends)], dev) if s == 0 else None  # [B, T]
         static = self.static[s] if self.static else None
         if static is not None and static.eligible(slots, counts):
-            h = static.run(slots, starts, counts, h)
+            out = static.run(slots, starts, counts, x)
         else:
-            h = lm.run_layers(h, lm.batch(slots, starts, counts), *self.bounds[s])
-        self.hidden[slot_idx, write_pos] = h.to(self.hidden.device)
+            out = self._run_eager(s, slots, starts, counts, x, logits)
         for sl, e in zip(slots, ends):
             self.fill[sl][s] = e
+        return out if logits else None
+
+    def _run_eager(self, s, slots, starts, counts, x, logits: bool):
+        """run_segment through the packed eager forward (prefills, and models without a static step)."""
+        lm = self.lm
+        T = max(counts)
+        _, write_pos = lm.positions(starts, counts, T, lm.first_device)  # [B, T]
+        slot_idx = torch.tensor(slots, device=lm.first_device)[:, None].expand(-1, T)
+        h = lm.embed(x) if s == 0 else self.hidden[slot_idx, write_pos]  # [B, T, d]
+        h = lm.run_layers(h, lm.batch(slots, starts, counts), *self.bounds[s])
+        self.hidden[slot_idx, write_pos] = h.to(self.hidden.device)
         if not logits:
             return None
-        last = h[torch.arange(len(slots)), torch.tensor(counts, device=h.device) - 1]
-        return lm.logits(last)
+        out = lm.logits(h[torch.arange(len(slots)), torch.tensor(counts, device=h.device) - 1])  # [B, V]
+        conf, top = torch.softmax(out, -1).max(-1)
+        return out, conf, top

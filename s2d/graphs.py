@@ -13,10 +13,12 @@ dropped. Every input lives in a static buffer per shape, so:
   its declared batch sizes, and never while serving (`compilations` counts them);
 - with `mode="eager"` the same function runs eagerly from the same buffers, so CPU tests exercise
   the path a GPU runs.
-The LM head runs eagerly on the rows needed."""
+A target's LM head runs eagerly on the rows needed; a draft segment's exit head (norm, head,
+the exit decision's confidence and argmax) runs inside its step."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,11 @@ def compile_cache_dir() -> Path:
     return Path(cache_dir())
 
 
+def autotune() -> bool:
+    """Whether compiling picks each GEMM's kernel by timing it (S2D_AUTOTUNE=0: no, a faster start)."""
+    return os.environ.get("S2D_AUTOTUNE") != "0"
+
+
 def _counting_inductor(gm, example_inputs):
     """Inductor, counting each graph it compiles."""
     global compilations
@@ -53,6 +60,12 @@ def compiled(fn):
 
     compile_cache_dir()
     inductor_config.freezing = True
+    if autotune():
+        # inductor's C++ GEMM templates where they time faster than oneDNN: on the few-row GEMMs of
+        # decode and verify they skip oneDNN's per-call cost (bf16: about 5 us a GEMM against 30;
+        # demo-l's step about 2x faster, docs/bench/compiled.md), for about 50 s more compiling a model
+        inductor_config.max_autotune = True
+        inductor_config.max_autotune_gemm_backends = "CPP,ATEN"
     # every model's and segment's forward is one code object with its own guards: four graphs each
     torch._dynamo.config.recompile_limit = 64
     torch._dynamo.config.accumulated_recompile_limit = 4096
@@ -72,65 +85,82 @@ def mark_dynamic(t: torch.Tensor, dims: tuple[int, ...]):
 class Shape:
     """The static buffers (and, on CUDA, the graph) of one (rows, width, keys) bucket."""
 
-    x: torch.Tensor  # [R, T] tokens (a target) or [R, T, d] hidden states (a draft segment)
+    x: torch.Tensor | None  # [R, T] tokens (None: a draft segment past the first reads its hidden states)
     pos: torch.Tensor  # [R, T]
     write_pos: torch.Tensor  # [R, T]
     mask: torch.Tensor  # [R, 1, T, K]
     slots: torch.Tensor  # [R]
-    out: torch.Tensor | None = None  # [R, T, d] the layers' output (CUDA graphs)
+    last: torch.Tensor  # [R] each row's last real token (a draft segment's exit head)
+    out: object = None  # the step's output (CUDA graphs)
     graph: object = None
 
 
 class StaticForward:
-    """Layers lo..hi of a model at static shapes. A target's (lo=0, hi=all) takes tokens and its
-    slots are 0..B-1, read as a view of the cache; a draft segment takes hidden states of any slots."""
+    """Layers lo..hi of a model at static shapes. A target's (lo=0, hi=all) takes tokens, its slots
+    are 0..B-1 (read as a view of the cache) and it returns the layers' output. A sorted-draft
+    segment takes any slots; its input and output are the draft's per-position hidden states
+    (`hidden`, read and written inside the step; segment 0 takes tokens), and it ends in its exit
+    head: each row's logits at its last token and the exit decision's confidence and argmax, so a
+    drafted token is one call per segment and one host sync."""
 
-    def __init__(self, lm: CausalLM, mode: str = "on", segment: tuple[int, int] | None = None):
+    def __init__(self, lm: CausalLM, mode: str = "on", segment: tuple[int, int] | None = None,
+                 hidden: torch.Tensor | None = None):
         self.lm = lm
         self.lo, self.hi = segment or (0, lm.n_layers)
-        self.from_tokens = segment is None
+        self.exit_head = segment is not None
+        self.from_tokens = self.lo == 0
+        self.hidden = hidden  # [n_slots, max_len + 1, d] a draft's hidden states (exit_head only)
         dev = torch.device(lm.first_device)
         self.capture = mode == "on" and dev.type == "cuda"
         self.compiled = mode == "on" and dev.type == "cpu"
-        self.fn = compiled(self._layers) if self.compiled else self._layers
+        self.fn = compiled(self._step) if self.compiled else self._step
         self.shapes: dict[tuple[int, int, int], Shape] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
         self.replays = 0  # forwards served by this path (stats, tests)
         self.one_device = lm.first_device == lm.last_device and len(set(lm.layer_devices)) == 1
 
     def eligible(self, slots: list[int], counts: list[int]) -> bool:
-        contiguous = not self.from_tokens or slots == list(range(len(slots)))
+        contiguous = self.exit_head or slots == list(range(len(slots)))
         return self.one_device and contiguous and max(counts) <= MAX_WIDTH
 
-    def _layers(self, x, pos, write_pos, mask, slots):
-        """[R, T, d]: the layers over static buffers, pure tensor code (compiled or captured)."""
+    def _step(self, x, pos, write_pos, mask, slots, last):
+        """Pure tensor code over the static buffers (compiled or captured). A target: the layers'
+        output [R, T, d]. A draft segment: (logits [R, V], confidence [R], argmax [R]) at each row's
+        last token, its hidden states written for the next segment."""
         lm = self.lm
         R, T = pos.shape
         # targets read slots 0..R-1 as a view; a draft segment gathers its rows' slots
-        g = Group(0, R, T, slots, mask, mask.shape[-1], 0 if self.from_tokens else None)
+        g = Group(0, R, T, slots, mask, mask.shape[-1], None if self.exit_head else 0)
         b = Batch(slots[:, None].expand(R, T), pos, write_pos, [g], [])
-        h = lm.model.embed_tokens(x) if self.from_tokens else x
+        h = lm.model.embed_tokens(x) if self.from_tokens else self.hidden[slots[:, None], write_pos]  # [R, T, d]
         cos, sin = lm.rope(pos)
         for i in range(self.lo, self.hi):
             h = lm.model.layers[i](h, cos, sin, lm.cache, i, b)
-        return h
+        if not self.exit_head:
+            return h
+        self.hidden[slots[:, None], write_pos] = h  # padding rows write the scratch position
+        logits = (lm.model.norm(h[torch.arange(R, device=h.device), last]) @ lm.w_head).float()  # [R, V]
+        conf, top = torch.softmax(logits, -1).max(-1)
+        return logits, conf, top
 
     def _shape(self, R: int, T: int, n_keys: int) -> Shape:
         key = (R, T, n_keys)
         if key not in self.shapes:
             dev, lm = self.lm.first_device, self.lm
             z = torch.zeros(R, T, dtype=torch.long, device=dev)
-            x = z.clone() if self.from_tokens else torch.zeros(R, T, lm.cfg.hidden_size, dtype=lm.dtype, device=dev)
-            s = Shape(x, z.clone(), z.clone(), torch.zeros(R, 1, T, n_keys, dtype=torch.bool, device=dev),
-                      torch.arange(R, device=dev))
+            s = Shape(z.clone() if self.from_tokens else None, z.clone(), z.clone(),
+                      torch.zeros(R, 1, T, n_keys, dtype=torch.bool, device=dev), torch.arange(R, device=dev),
+                      torch.zeros(R, dtype=torch.long, device=dev))
             for t in (s.x, s.pos, s.write_pos):
-                mark_dynamic(t, (0, 1))
+                if t is not None:
+                    mark_dynamic(t, (0, 1))
             mark_dynamic(s.mask, (0, 2, 3))
             mark_dynamic(s.slots, (0,))
+            mark_dynamic(s.last, (0,))
             self.shapes[key] = s
         return self.shapes[key]
 
-    def _fill(self, s: Shape, slots: list[int], starts: list[int], counts: list[int], x: torch.Tensor):
+    def _fill(self, s: Shape, slots: list[int], starts: list[int], counts: list[int], x: torch.Tensor | None):
         """Copy one forward's inputs, positions, cache rows and mask into the shape's buffers."""
         lm = self.lm
         R, T = s.pos.shape
@@ -142,14 +172,16 @@ class StaticForward:
         s.pos.copy_(pos.clamp(max=lm.max_len - 1), non_blocking=True)
         s.write_pos.copy_(write_pos, non_blocking=True)
         s.mask.copy_(mask[:, None], non_blocking=True)
-        if not self.from_tokens:
-            s.slots[:B].copy_(torch.tensor(slots), non_blocking=True)
-            s.slots[B:] = slots[0]  # padding rows write only the scratch position
-        s.x[:B].copy_(x, non_blocking=True)
+        if self.exit_head:
+            s.slots.copy_(torch.tensor(slots + slots[:1] * (R - B)), non_blocking=True)  # padding: the scratch position
+            s.last.copy_(torch.tensor([c - 1 for c in counts] + [0] * (R - B)), non_blocking=True)
+        if x is not None:
+            s.x[:B].copy_(x, non_blocking=True)
 
-    def run(self, slots: list[int], starts: list[int], counts: list[int], x: torch.Tensor) -> torch.Tensor:
-        """The layers' output [B, T, d] for counts[b] inputs x[b] (tokens [B, T], or hidden states
-        [B, T, d]) written at starts[b] of slots[b] (a target's slots are 0..B-1)."""
+    def run(self, slots: list[int], starts: list[int], counts: list[int], x: torch.Tensor | None):
+        """One step over counts[b] new tokens x[b] ([B, T] tokens; None for a draft segment past the
+        first) written at starts[b] of slots[b] (a target's slots are 0..B-1): a target's layers'
+        output [B, T, d], or a draft segment's (logits [B, V], confidence [B], argmax [B])."""
         lm = self.lm
         B, T = len(counts), max(counts)
         end = max(st + c for st, c in zip(starts, counts))  # past the cache: positions() raises
@@ -160,25 +192,25 @@ class StaticForward:
         self.replays += 1
         t0 = time.perf_counter()
         if not self.capture:
-            out = self.fn(s.x, s.pos, s.write_pos, s.mask, s.slots)[:B]
+            out = self.fn(s.x, s.pos, s.write_pos, s.mask, s.slots, s.last)
         else:
             if s.graph is None:
                 self._capture(s)
             s.graph.replay()
-            out = s.out[:B]
-        lm.forward_s += time.perf_counter() - t0  # the layers, as run_layers counts them
-        return out
+            out = s.out
+        lm.forward_s += time.perf_counter() - t0  # the layers (and a draft's exit head), as run_layers counts them
+        return tuple(o[:B] for o in out) if self.exit_head else out[:B]
 
     def _capture(self, s: Shape):
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):  # warm-up before capture (allocator, lazy init)
-                self._layers(s.x, s.pos, s.write_pos, s.mask, s.slots)
+                self._step(s.x, s.pos, s.write_pos, s.mask, s.slots, s.last)
         torch.cuda.current_stream().wait_stream(side)
         s.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(s.graph, pool=self.pool):
-            s.out = self._layers(s.x, s.pos, s.write_pos, s.mask, s.slots)
+            s.out = self._step(s.x, s.pos, s.write_pos, s.mask, s.slots, s.last)
 
     def warm_up(self):
         """Compile before serving: one forward of each dynamic class (one row or two, one token or
@@ -189,8 +221,7 @@ class StaticForward:
             return  # CUDA graphs are captured per bucket on first use; eager needs nothing
         for rows in sorted({1, min(2, lm.n_slots)}):
             for w in (1, 2):
-                x = (torch.zeros(rows, w, dtype=torch.long) if self.from_tokens
-                     else torch.zeros(rows, w, lm.cfg.hidden_size, dtype=lm.dtype)).to(lm.first_device)
+                x = torch.zeros(rows, w, dtype=torch.long, device=lm.first_device) if self.from_tokens else None
                 self.run(list(range(rows)), [0] * rows, [w] * rows, x)
 
 

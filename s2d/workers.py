@@ -226,9 +226,9 @@ class Proposer(Worker):
         pending, emitted, last = active, {}, len(self.exits) - 1
         traces = {i: [] for i in active}
         for s in range(len(self.exits)):
-            logits = self._timed(f"draft:{s}", len(pending), len(pending), self.draft.run_segment, s,
-                                 [slots[i] for i in pending], [work[i] for i in pending], [len(work[i]) for i in pending])
-            conf, top = torch.softmax(logits, -1).max(-1)  # [P]
+            logits, conf, top = self._timed(f"draft:{s}", len(pending), len(pending), self.draft.run_segment, s,
+                                            [slots[i] for i in pending], [work[i] for i in pending],
+                                            [len(work[i]) for i in pending])  # [P, V], [P], [P]
             conf_h, top_h = torch.stack((conf, top.to(conf.dtype))).tolist()  # the exit decision's one sync
             for j, i in enumerate(pending):
                 traces[i].append((conf_h[j], int(top_h[j])))

@@ -19,6 +19,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # the static forwards run uncompiled (the same shapes and buffers): compiling every test's models
 # would take minutes; tests/test_compiled.py compiles on purpose
 os.environ.setdefault("S2D_COMPILE", "0")
+os.environ.setdefault("S2D_AUTOTUNE", "0")  # test_compiled: autotuning its GEMMs takes minutes (S2D_AUTOTUNE=1 runs it)
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])

@@ -72,9 +72,11 @@ def exit_logits_reference(path, tokens, depth):
         return ref.lm_head(ref.model.norm(out.hidden_states[depth]))[0]
 
 
-def test_lazy_kv_fill_equals_full_forward(family):
-    """Drive tokens to random exits one at a time; every exit's logits equal running all its layers."""
-    draft = SortedDraft.from_pretrained(family["draft"], n_slots=2, max_len=128)
+@pytest.mark.parametrize("static_forward", ["off", "eager"])
+def test_lazy_kv_fill_equals_full_forward(family, static_forward):
+    """Drive tokens to random exits one at a time; every exit's logits equal running all its layers,
+    through the packed forward and through the static step (whose exit head runs inside it)."""
+    draft = SortedDraft.from_pretrained(family["draft"], n_slots=2, max_len=128, static_forward=static_forward)
     tokens = list(range(50, 90))
     refs = {e: exit_logits_reference(family["draft"], tokens, e) for e in draft.exits}
     g = torch.Generator().manual_seed(1)
@@ -83,8 +85,9 @@ def test_lazy_kv_fill_equals_full_forward(family):
         for p in range(11, len(tokens) + 1):
             depth = int(torch.randint(1, len(draft.exits) + 1, (1,), generator=g))
             for s in range(depth):
-                got = draft.run_segment(s, [1], [tokens], [p])[0]
-                assert (got - refs[draft.exits[s]][p - 1]).abs().max() <= 1e-4, (p, s)
+                logits, conf, top = draft.run_segment(s, [1], [tokens], [p])
+                assert (logits[0] - refs[draft.exits[s]][p - 1]).abs().max() <= 1e-4, (p, s)
+                assert int(top[0]) == int(logits[0].argmax()) and 0 < float(conf[0]) <= 1
 
 
 def test_lazy_fill_after_rollback_equals_full_forward(family):
@@ -101,7 +104,7 @@ def test_lazy_fill_after_rollback_equals_full_forward(family):
         for p in range(16, len(second) + 1):
             depth = int(torch.randint(1, 4, (1,), generator=g))
             for s in range(depth):
-                got = draft.run_segment(s, [0], [second], [p])[0]
+                got = draft.run_segment(s, [0], [second], [p])[0][0]
                 assert (got - refs[draft.exits[s]][p - 1]).abs().max() <= 1e-4, (p, s)
 
 
