@@ -43,7 +43,7 @@ def seven_b(hbm_tb_s: float, context: int = 512) -> list[dict]:
         toks = [[0] * T]
         eager = median_ms(lambda: lm.logits(lm.run_layers(lm.embed(torch.tensor(toks, device="cuda")),
                                                           lm.batch([0], [context], [T]))))
-        graph = median_ms(lambda: lm.logits(lm.static.run([context], toks)))
+        graph = median_ms(lambda: lm.static.run([0], [context], [T], torch.tensor(toks, device="cuda")))  # logits inside
         kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (context + T) * (cfg.hidden_size // cfg.num_attention_heads) * 2
         floor = 1000 * (weights + kv) / (hbm_tb_s * 1e12)
         rows.append({"what": "decode 1 token" if T == 1 else f"verify {T} tokens", "eager_ms": round(eager, 3),

@@ -13,8 +13,8 @@ dropped. Every input lives in a static buffer per shape, so:
   its declared batch sizes, and never while serving (`compilations` counts them);
 - with `mode="eager"` the same function runs eagerly from the same buffers, so CPU tests exercise
   the path a GPU runs.
-A target's LM head runs eagerly on the rows needed; a draft segment's exit head (norm, head,
-the exit decision's confidence and argmax) runs inside its step."""
+The LM head runs inside the step: a target's on every position, a draft segment's (norm, head,
+the exit decision's confidence and argmax) on each row's last token."""
 from __future__ import annotations
 
 import logging
@@ -96,8 +96,8 @@ class Shape:
 
 
 class StaticForward:
-    """Layers lo..hi of a model at static shapes. A target's (lo=0, hi=all) takes tokens, its slots
-    are 0..B-1 (read as a view of the cache) and it returns the layers' output. A sorted-draft
+    """Layers lo..hi of a model and its head at static shapes. A target's (lo=0, hi=all) takes
+    tokens, its slots are 0..B-1 (read as a view of the cache) and it returns every position's logits. A sorted-draft
     segment takes any slots; its input and output are the draft's per-position hidden states
     (`hidden`, read and written inside the step; segment 0 takes tokens), and it ends in its exit
     head: each row's logits at its last token and the exit decision's confidence and argmax, so a
@@ -124,8 +124,9 @@ class StaticForward:
         return self.one_device and contiguous and max(counts) <= MAX_WIDTH
 
     def _step(self, x, pos, write_pos, mask, slots, last):
-        """Pure tensor code over the static buffers (compiled or captured). A target: the layers'
-        output [R, T, d]. A draft segment: (logits [R, V], confidence [R], argmax [R]) at each row's
+        """Pure tensor code over the static buffers (compiled or captured). A target: the logits
+        [R, T, V] of every position (a decode or verify row is all real tokens but its padding). A
+        draft segment: (logits [R, V], confidence [R], argmax [R]) at each row's
         last token, its hidden states written for the next segment."""
         lm = self.lm
         R, T = pos.shape
@@ -137,7 +138,7 @@ class StaticForward:
         for i in range(self.lo, self.hi):
             h = lm.model.layers[i](h, cos, sin, lm.cache, i, b)
         if not self.exit_head:
-            return h
+            return (lm.model.norm(h) @ lm.w_head).float()  # [R, T, V]: a verify needs every real position
         self.hidden[slots[:, None], write_pos] = h  # padding rows write the scratch position
         logits = (lm.model.norm(h[torch.arange(R, device=h.device), last]) @ lm.w_head).float()  # [R, V]
         conf, top = torch.softmax(logits, -1).max(-1)
@@ -180,8 +181,8 @@ class StaticForward:
 
     def run(self, slots: list[int], starts: list[int], counts: list[int], x: torch.Tensor | None):
         """One step over counts[b] new tokens x[b] ([B, T] tokens; None for a draft segment past the
-        first) written at starts[b] of slots[b] (a target's slots are 0..B-1): a target's layers'
-        output [B, T, d], or a draft segment's (logits [B, V], confidence [B], argmax [B])."""
+        first) written at starts[b] of slots[b] (a target's slots are 0..B-1): a target's logits
+        [B, T, V], or a draft segment's (logits [B, V], confidence [B], argmax [B])."""
         lm = self.lm
         B, T = len(counts), max(counts)
         end = max(st + c for st, c in zip(starts, counts))  # past the cache: positions() raises
@@ -198,7 +199,7 @@ class StaticForward:
                 self._capture(s)
             s.graph.replay()
             out = s.out
-        lm.forward_s += time.perf_counter() - t0  # the layers (and a draft's exit head), as run_layers counts them
+        lm.forward_s += time.perf_counter() - t0  # layers and head, as run_layers and logits count them
         return tuple(o[:B] for o in out) if self.exit_head else out[:B]
 
     def _capture(self, s: Shape):

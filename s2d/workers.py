@@ -322,14 +322,15 @@ class Verifier(Worker):
         n_tokens = sum(len(rs) * max(map(len, rs)) for _, _, rs in groups)  # padded: what the forward computes
         one = groups[0] if lm.static and not fill and len(dec) == 1 else None  # (slots, starts, rows)
         if one and lm.static.eligible(one[0], counts := [len(r) for r in one[2]]):
-            # the bucketed static forward (compiled on CPU, a CUDA graph on GPU): one group of rows in slots 0..B-1
-            h = lm.static.run(one[0], one[1], counts, pad_tokens(one[2], lm.first_device))  # [B, T, d]
-            layout = [(0, h.shape[1])]
-            h = h.reshape(1, -1, h.shape[-1])
+            # the bucketed static step (compiled on CPU, a CUDA graph on GPU): one group of rows in slots 0..B-1
+            out = lm.static.run(one[0], one[1], counts, pad_tokens(one[2], lm.first_device))  # [B, T, V]
+            layout = [(0, out.shape[1])]
+            pick = lambda at: out.reshape(-1, out.shape[-1])[at]  # noqa: E731
         else:
             batch = lm.packed([(sl, st, [len(r) for r in rs]) for sl, st, rs in groups])
             h = lm.run_layers(lm.embed(pack_tokens([rs for _, _, rs in groups], lm.first_device)), batch)  # [1, N, d]
             layout = [(grp.start, grp.width) for grp in batch.groups[len(groups) - len(dec):]]
+            pick = lambda at: lm.logits(h[0, at.to(h.device)])  # noqa: E731
         for it in chunks:
             self.table.tokens[it.seq_id] = list(it.tokens)
         if not items:
@@ -341,7 +342,7 @@ class Verifier(Worker):
             for r, i in enumerate(g):
                 end = start + r * width + len(rows[i])
                 at[i] = torch.arange(end - len(items[i].drafts) - 1, end)
-        logits = lm.logits(h[0, torch.cat([at[i] for i in range(len(items))]).to(h.device)])  # [sum(k+1), V]
+        logits = pick(torch.cat([at[i] for i in range(len(items))]))  # [sum(k+1), V]
         rows = logits.split([len(it.drafts) + 1 for it in items])
         verdicts: list[Verdict | None] = [None] * len(items)
         batch, ps, gens = [], [], []
