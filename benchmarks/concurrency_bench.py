@@ -22,7 +22,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from s2d.bench import heldout_code
-from s2d.config import SamplingParams, load_config
+from s2d.config import SamplingParams, load_config, only_targets
 from s2d.engine import Engine, Request
 from s2d.metrics import Breakdown
 
@@ -97,8 +97,8 @@ def main():
         cfg.scheduling.draft_policy = "static"
         for t in cfg.targets:
             t.profile.k_max = a.static_k
-    engine = Engine.from_config(cfg)
     targets = a.targets.split(",") if a.targets else [t.name for t in cfg.targets]
+    engine = Engine.from_config(only_targets(cfg, targets))  # compiles only what it measures
     levels = [int(x) for x in a.levels.split(",")]
     prompts = heldout_code(Path(cfg.base_dir or "."), 64)
     rows = sweep(engine, targets, levels, [float(t) for t in a.temperatures.split(",")], prompts, a.requests, a.max_tokens)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import s2d.graphs
 from s2d.bench import heldout_code
-from s2d.config import SamplingParams, load_config
+from s2d.config import SamplingParams, load_config, only_targets
 from s2d.engine import Engine, Request
 from s2d.metrics import Breakdown
 
@@ -26,7 +26,7 @@ RUNS = {"ar": ("ar", None), "s2d goodput": ("s2d", "goodput"), "s2d static": ("s
 def main(dtype: str, static_forward: str, target: str):
     logging.basicConfig(level=logging.WARNING)
     cfg = load_config("demo").with_models(dtype, static_forward)
-    cfg = cfg.model_validate({**cfg.model_dump(), "targets": [cfg.target(target).model_dump()], "cells": []})
+    cfg = only_targets(cfg, [target])
     t0 = time.time()
     eng = Engine.from_config(cfg)
     print(f"startup {time.time() - t0:.1f} s, {s2d.graphs.compilations} graphs compiled", flush=True)

@@ -205,6 +205,12 @@ class EngineConfig(Strict):
         return self
 
 
+def only_targets(cfg: EngineConfig, names: list[str]) -> EngineConfig:
+    """The same config with only these targets, in one default cell (benchmarks load what they measure)."""
+    return EngineConfig.model_validate({**cfg.model_dump(), "targets": [cfg.target(n).model_dump() for n in names],
+                                        "cells": []})
+
+
 def load_config(path: str | Path) -> EngineConfig:
     """Read a YAML config; the special name 'demo' is the bundled demo family."""
     if str(path) == "demo":
