@@ -97,11 +97,11 @@ class Shape:
 
 class StaticForward:
     """Layers lo..hi of a model and its head at static shapes. A target's (lo=0, hi=all) takes
-    tokens, its slots are 0..B-1 (read as a view of the cache) and it returns every position's logits. A sorted-draft
-    segment takes any slots; its input and output are the draft's per-position hidden states
-    (`hidden`, read and written inside the step; segment 0 takes tokens), and it ends in its exit
-    head: each row's logits at its last token and the exit decision's confidence and argmax, so a
-    drafted token is one call per segment and one host sync."""
+    tokens, its slots are 0..B-1 (read as a view of the cache), and it returns every position's
+    logits. A sorted-draft segment takes any slots; its input and output are the draft's
+    per-position hidden states (`hidden`, read and written inside the step; segment 0 takes
+    tokens), and it ends in its exit head: each row's logits at its last token and the exit
+    decision's confidence and argmax, so a drafted token is one call per segment and one host sync."""
 
     def __init__(self, lm: CausalLM, mode: str = "on", segment: tuple[int, int] | None = None,
                  hidden: torch.Tensor | None = None):
