@@ -15,22 +15,13 @@ import time
 import s2d  # noqa: F401 - sets GOMP_SPINCOUNT before torch loads libgomp
 import torch
 
+from s2d.bench import median_ms
 from s2d.config import load_config
 from s2d.engine import load_draft, load_target
 from s2d.model import pad_tokens
 
 N = 200  # tokens in the cache
-
-
-def median_ms(f, between=None, reps=100) -> float:
-    ts = []
-    for _ in range(reps):
-        if between:
-            between()
-        t0 = time.perf_counter()
-        f()
-        ts.append(time.perf_counter() - t0)
-    return 1000 * sorted(ts)[reps // 2]
+REPS = 100
 
 
 def python_for(ms: float):
@@ -61,8 +52,9 @@ def main():
           f"threads={torch.get_num_threads()}\n")
     print("| verify of 4, back to back | after a 1 ms sleep | after 1 ms of Python | decode | one drafted token |")
     print("|---|---|---|---|---|")
-    print(f"| {median_ms(step(4)):.2f} | {median_ms(step(4), lambda: time.sleep(0.001)):.2f} | "
-          f"{median_ms(step(4), lambda: python_for(1)):.2f} | {median_ms(step(1)):.2f} | {median_ms(drafted):.2f} |")
+    print(f"| {median_ms(step(4), REPS):.2f} | {median_ms(step(4), REPS, lambda: time.sleep(0.001)):.2f} | "
+          f"{median_ms(step(4), REPS, lambda: python_for(1)):.2f} | {median_ms(step(1), REPS):.2f} | "
+          f"{median_ms(drafted, REPS):.2f} |")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from s2d.config import SamplingParams, load_config, only_targets
 from s2d.engine import Engine, Request
 from s2d.metrics import Breakdown
 
-RUNS = {"ar": ("ar", None), "s2d goodput": ("s2d", "goodput"), "s2d static": ("s2d", "static")}
+RUNS = {"ar": ("ar", "goodput"), "s2d goodput": ("s2d", "goodput"), "s2d static": ("s2d", "static")}  # (mode, draft policy)
 
 
 def main(dtype: str, static_forward: str, target: str):
@@ -34,7 +34,7 @@ def main(dtype: str, static_forward: str, target: str):
 
     def run(name):
         mode, policy = RUNS[name]
-        eng.scheduler.policy.mode = policy or "goodput"
+        eng.scheduler.policy.mode = policy
         eng.scheduler.breakdown = Breakdown()
         toks, secs, outs, mats = 0, 0.0, [], []
         for i, p in enumerate(prompts):

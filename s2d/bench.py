@@ -258,13 +258,16 @@ def add_cli(sub):
     p.set_defaults(fn=cmd_bench)
 
 
-def median_ms(fn, reps: int = 30) -> float:
-    """Median milliseconds of `fn()` after a warm-up, synced on a GPU (its work is asynchronous)."""
+def median_ms(fn, reps: int = 30, before=None) -> float:
+    """Median milliseconds of `fn()` after a warm-up, synced on a GPU (its work is asynchronous);
+    `before()`, where given, runs untimed ahead of each timed call."""
     sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)
     for _ in range(5):
         fn()
     times = []
     for _ in range(reps):
+        if before:
+            before()
         sync()
         t0 = time.perf_counter()
         fn()

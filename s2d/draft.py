@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from s2d.graphs import StaticForward
-from s2d.model import CausalLM, load_safetensors_dir, pad_tokens
+from s2d.model import CausalLM, confidence, load_safetensors_dir, pad_tokens
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja", "added_tokens.json")
@@ -119,5 +119,4 @@ class SortedDraft:
         if not logits:
             return None
         out = lm.logits(h[torch.arange(len(slots)), torch.tensor(counts, device=h.device) - 1])  # [B, V]
-        conf, top = torch.softmax(out, -1).max(-1)
-        return out, conf, top
+        return out, *confidence(out)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from s2d.model import KEY_BUCKET, Batch, CausalLM, Group, pow2_at_least
+from s2d.model import KEY_BUCKET, Batch, CausalLM, Group, confidence, pow2_at_least
 
 log = logging.getLogger("s2d.graphs")
 
@@ -58,7 +58,6 @@ def compiled(fn):
     """`fn` compiled once per dynamic shape class; weights frozen (prepacked bf16/fp32 GEMMs)."""
     import torch._inductor.config as inductor_config
 
-    compile_cache_dir()
     inductor_config.freezing = True
     if autotune():
         # inductor's C++ GEMM templates where they time faster than oneDNN: on the few-row GEMMs of
@@ -138,11 +137,10 @@ class StaticForward:
         for i in range(self.lo, self.hi):
             h = lm.model.layers[i](h, cos, sin, lm.cache, i, b)
         if not self.exit_head:
-            return (lm.model.norm(h) @ lm.w_head).float()  # [R, T, V]: a verify needs every real position
+            return lm.head(h)  # [R, T, V]: a verify needs every real position
         self.hidden[slots[:, None], write_pos] = h  # padding rows write the scratch position
-        logits = (lm.model.norm(h[torch.arange(R, device=h.device), last]) @ lm.w_head).float()  # [R, V]
-        conf, top = torch.softmax(logits, -1).max(-1)
-        return logits, conf, top
+        logits = lm.head(h[torch.arange(R, device=h.device), last])  # [R, V]
+        return logits, *confidence(logits)
 
     def _shape(self, R: int, T: int, n_keys: int) -> Shape:
         key = (R, T, n_keys)

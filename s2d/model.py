@@ -388,15 +388,26 @@ class CausalLM(nn.Module):
         self.forward_s += time.perf_counter() - t0
         return h
 
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """[..., d] -> [..., V] fp32 logits: the final norm and the LM head, pure tensor code (the
+        static steps run it inside their graph)."""
+        return (self.model.norm(h.to(self.last_device)) @ self.w_head).float()
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """`head`, timed into forward_s."""
         t0 = time.perf_counter()
-        out = (self.model.norm(h.to(self.last_device)) @ self.w_head).float()
+        out = self.head(h)
         self.forward_s += time.perf_counter() - t0
         return out
 
     def forward(self, tokens: torch.Tensor, b: Batch) -> torch.Tensor:
         """All logits [B, T, V] of a batch (tests and training-free uses)."""
         return self.logits(self.run_layers(self.embed(tokens), b))
+
+
+def confidence(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sorted draft's exit decision on logits [B, V]: each row's top probability and argmax [B]."""
+    return torch.softmax(logits, -1).max(-1)
 
 
 def _batch_to(b: Batch, dev) -> Batch:
