@@ -1,10 +1,10 @@
 """What a paused OpenMP worker costs a step: demo-l's compiled bf16 step (a verify of 4, a decode)
 back to back, after a 1 ms sleep and after 1 ms of Python, and one drafted token, in whatever
-OpenMP setting the environment gives (s2d sets GOMP_SPINCOUNT=3000000 unless it is set).
+OpenMP setting the environment gives.
 Median of 100, ms. Compiles demo-l and the draft first (minutes).
 
     GOMP_SPINCOUNT=300000 python benchmarks/omp_wake.py     # libgomp's default
-    python benchmarks/omp_wake.py                           # s2d's default
+    GOMP_SPINCOUNT=3000000 python benchmarks/omp_wake.py    # ten times the spin
     OMP_WAIT_POLICY=ACTIVE python benchmarks/omp_wake.py
 """
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import time
 
-import s2d  # noqa: F401 - sets GOMP_SPINCOUNT before torch loads libgomp
 import torch
 
 from s2d.bench import median_ms

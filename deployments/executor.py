@@ -19,7 +19,6 @@ from ray.dag import InputNode, MultiOutputNode
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from deployments.actors import DraftActor, TargetActor
-from s2d import SPIN_SHARED
 from s2d.config import EngineConfig, ModelSpec
 from s2d.engine import check_vocab
 from s2d.executor import BusyClock, Tick, Verified
@@ -73,9 +72,7 @@ class RayExecutor(BusyClock):
     def _start(self, cls, index: int, role: str, spec: ModelSpec, *args):
         self.started += 1
         opts = {"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus,
-                "name": f"{self.prefix}/{role}/{self.started}", "namespace": ACTOR_NAMESPACE,
-                # actors share the cores: their idle OpenMP threads must not spin long (s2d/__init__.py)
-                "runtime_env": {"env_vars": {"GOMP_SPINCOUNT": SPIN_SHARED}}}
+                "name": f"{self.prefix}/{role}/{self.started}", "namespace": ACTOR_NAMESPACE}
         if self.pg is not None:
             opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=index)
         return cls.options(**opts).remote(self.config, 1 + len(self.names), *args)
