@@ -1,16 +1,18 @@
-"""Forwards at bucketed static shapes: the unit a CUDA graph captures, and torch.compile compiles.
+"""Forwards at bucketed static shapes: the unit a CUDA graph captures, and AOTInductor compiles.
 
 A target's decode or verify of B rows of T tokens whose slots are 0..B-1 (compaction keeps a
 target's live slots there) runs as rows padded to a power of two, keys padded to a power of two of
 KEY_BUCKET; a draft segment's step runs the same way over any slots (its keys are gathered). The
-padding rows write only the cache's scratch position and attend to key 0; their outputs are
-dropped. Every input lives in a static buffer per shape, so:
+padding rows write only the cache's scratch position; their outputs are dropped. Every input lives
+in a static buffer per shape (the tokens and a small table of each row's start, count and slot:
+positions and the mask are computed inside the step), so:
 - on CUDA each shape is captured once as a torch.cuda.CUDAGraph and replayed (one launch instead
   of a few hundred kernels);
-- on CPU the same function is compiled by torch.compile (inductor, weights frozen as constants),
-  with rows, tokens and keys as dynamic dimensions: four graphs per function (one row or several,
-  one token or several) cover every bucket, compiled at startup by `warm_up`, as SGLang captures
-  its declared batch sizes, and never while serving (`compilations` counts them);
+- on CPU the same function is exported and compiled ahead of time into a package (s2d/aot.py:
+  AOTInductor, weights frozen as constants), with rows, tokens and keys as dynamic dimensions: one
+  package per function covers every bucket. `warm_up` builds it at startup, or loads it from the
+  disk cache, as SGLang captures its declared batch sizes; nothing compiles while serving
+  (`compilations` counts them);
 - with `mode="eager"` the same function runs eagerly from the same buffers, so CPU tests exercise
   the path a GPU runs.
 The LM head runs inside the step: a target's on every position, a draft segment's (norm, head,
@@ -18,80 +20,35 @@ the exit decision's confidence and argmax) on each row's last token."""
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
+from s2d import aot
 from s2d.model import KEY_BUCKET, Batch, CausalLM, Group, confidence, pow2_at_least
 
 log = logging.getLogger("s2d.graphs")
 
 MAX_WIDTH = 16  # tokens per row a static forward takes (verify of up to 15 drafts)
-compilations = 0  # graphs compiled in this process (tests: none while serving)
-
-
-def compile_cache_dir() -> Path:
-    """Inductor's on-disk cache, kept across restarts (set TORCHINDUCTOR_CACHE_DIR to move it)."""
-    from torch._inductor.runtime.cache_dir_utils import cache_dir
-
-    return Path(cache_dir())
-
-
-def autotune() -> bool:
-    """Whether compiling picks each GEMM's kernel by timing it (S2D_AUTOTUNE=0: no, a faster start)."""
-    return os.environ.get("S2D_AUTOTUNE") != "0"
-
-
-def _counting_inductor(gm, example_inputs):
-    """Inductor, counting each graph it compiles."""
-    global compilations
-    from torch._inductor.compile_fx import compile_fx
-
-    compilations += 1
-    return compile_fx(gm, example_inputs)
-
-
-def compiled(fn):
-    """`fn` compiled once per dynamic shape class; weights frozen (prepacked bf16/fp32 GEMMs)."""
-    import torch._inductor.config as inductor_config
-
-    inductor_config.freezing = True
-    if autotune():
-        # inductor's C++ GEMM templates where they time faster than oneDNN: on the few-row GEMMs of
-        # decode and verify they skip oneDNN's per-call cost (bf16: about 5 us a GEMM against 30;
-        # demo-l's step about 2x faster, docs/bench/compiled.md), for about 50 s more compiling a model
-        inductor_config.max_autotune = True
-        inductor_config.max_autotune_gemm_backends = "CPP,ATEN"
-    # every model's and segment's forward is one code object with its own guards: four graphs each
-    torch._dynamo.config.recompile_limit = 64
-    torch._dynamo.config.accumulated_recompile_limit = 4096
-    torch._dynamo.config.fail_on_recompile_limit_hit = True  # never fall back to eager silently
-    return torch.compile(fn, backend=_counting_inductor, dynamic=False)
-
-
-def mark_dynamic(t: torch.Tensor, dims: tuple[int, ...]):
-    """Rows, tokens and keys may change size without a new graph; a size of 1 keeps its own graph
-    (torch specialises it), so one row or token is as fast as it can be."""
-    for d in dims:
-        if t.shape[d] > 1:
-            torch._dynamo.mark_dynamic(t, d)
+compilations = 0  # steps compiled in this process (tests: none while serving)
+loaded = 0  # steps loaded compiled from the disk cache
 
 
 @dataclass
 class Shape:
-    """The static buffers (and, on CUDA, the graph) of one (rows, width, keys) bucket."""
+    """The static buffers (and, on CUDA, the graph) of one (rows, width, keys) bucket. The host
+    copies only the tokens and one small table per step; positions and the mask are built inside."""
 
     x: torch.Tensor | None  # [R, T] tokens (None: a draft segment past the first reads its hidden states)
-    pos: torch.Tensor  # [R, T]
-    write_pos: torch.Tensor  # [R, T]
-    mask: torch.Tensor  # [R, 1, T, K]
-    slots: torch.Tensor  # [R]
-    last: torch.Tensor  # [R] each row's last real token (a draft segment's exit head)
+    rows: torch.Tensor  # [3, R] each row's start position, new-token count and slot (padding rows: count 0)
+    cols: torch.Tensor  # [T] 0..T-1 (constant: carries the width)
+    keys: torch.Tensor  # [K] 0..K-1 (constant: carries the key count)
     out: object = None  # the step's output (CUDA graphs)
     graph: object = None
+
+    def args(self) -> tuple:
+        return self.x, self.rows, self.cols, self.keys
 
 
 class StaticForward:
@@ -112,7 +69,8 @@ class StaticForward:
         dev = torch.device(lm.first_device)
         self.capture = mode == "on" and dev.type == "cuda"
         self.compiled = mode == "on" and dev.type == "cpu"
-        self.fn = compiled(self._step) if self.compiled else self._step
+        self.max_width = MAX_WIDTH
+        self.run_compiled = None  # the package's runner (s2d/aot.py), set by compile()
         self.shapes: dict[tuple[int, int, int], Shape] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
         self.replays = 0  # forwards served by this path (stats, tests)
@@ -122,15 +80,25 @@ class StaticForward:
         contiguous = self.exit_head or slots == list(range(len(slots)))
         return self.one_device and contiguous and max(counts) <= MAX_WIDTH
 
-    def _step(self, x, pos, write_pos, mask, slots, last):
+    def _step(self, x, rows, cols, keys):
         """Pure tensor code over the static buffers (compiled or captured). A target: the logits
         [R, T, V] of every position (a decode or verify row is all real tokens but its padding). A
         draft segment: (logits [R, V], confidence [R], argmax [R]) at each row's
         last token, its hidden states written for the next segment."""
         lm = self.lm
-        R, T = pos.shape
+        starts, counts, slots = rows  # [R] each
+        R, T = rows.shape[1], cols.shape[0]
+        pos = starts[:, None] + cols  # [R, T]
+        write_pos = torch.where(cols < counts[:, None], pos, lm.max_len)  # padding: the scratch position
+        pos = pos.clamp(max=lm.max_len - 1)
+        # causal (and windowed) over the cached keys; a padding row (count 0, start 0) sees keys
+        # 0..t of a slot whose numbers are finite, so its dropped output stays finite
+        mask = keys <= pos[:, :, None]  # [R, T, K]
+        if lm.window:
+            mask &= keys > pos[:, :, None] - lm.window
+        mask = mask[:, None]  # [R, 1, T, K]
         # targets read slots 0..R-1 as a view; a draft segment gathers its rows' slots
-        g = Group(0, R, T, slots, mask, mask.shape[-1], None if self.exit_head else 0)
+        g = Group(0, R, T, slots, mask, keys.shape[0], None if self.exit_head else 0)
         b = Batch(slots[:, None].expand(R, T), pos, write_pos, [g], [])
         h = lm.model.embed_tokens(x) if self.from_tokens else self.hidden[slots[:, None], write_pos]  # [R, T, d]
         cos, sin = lm.rope(pos)
@@ -139,43 +107,28 @@ class StaticForward:
         if not self.exit_head:
             return lm.head(h)  # [R, T, V]: a verify needs every real position
         self.hidden[slots[:, None], write_pos] = h  # padding rows write the scratch position
+        last = (counts - 1).clamp(min=0)  # [R] each row's last real token
         logits = lm.head(h[torch.arange(R, device=h.device), last])  # [R, V]
         return logits, *confidence(logits)
 
     def _shape(self, R: int, T: int, n_keys: int) -> Shape:
         key = (R, T, n_keys)
         if key not in self.shapes:
-            dev, lm = self.lm.first_device, self.lm
-            z = torch.zeros(R, T, dtype=torch.long, device=dev)
-            s = Shape(z.clone() if self.from_tokens else None, z.clone(), z.clone(),
-                      torch.zeros(R, 1, T, n_keys, dtype=torch.bool, device=dev), torch.arange(R, device=dev),
-                      torch.zeros(R, dtype=torch.long, device=dev))
-            for t in (s.x, s.pos, s.write_pos):
-                if t is not None:
-                    mark_dynamic(t, (0, 1))
-            mark_dynamic(s.mask, (0, 2, 3))
-            mark_dynamic(s.slots, (0,))
-            mark_dynamic(s.last, (0,))
+            dev = self.lm.first_device
+            s = Shape(torch.zeros(R, T, dtype=torch.long, device=dev) if self.from_tokens else None,
+                      torch.zeros(3, R, dtype=torch.long, device=dev), torch.arange(T, device=dev),
+                      torch.arange(n_keys, device=dev))
             self.shapes[key] = s
         return self.shapes[key]
 
     def _fill(self, s: Shape, slots: list[int], starts: list[int], counts: list[int], x: torch.Tensor | None):
-        """Copy one forward's inputs, positions, cache rows and mask into the shape's buffers."""
-        lm = self.lm
-        R, T = s.pos.shape
-        n_keys = s.mask.shape[-1]
-        B = len(counts)
-        pos, write_pos = lm.positions(starts + [0] * (R - B), counts + [0] * (R - B), T, "cpu")
-        mask = lm.causal_mask(pos, n_keys)
-        mask[B:] = torch.arange(n_keys) == 0  # padding rows: one key, so attention stays finite
-        s.pos.copy_(pos.clamp(max=lm.max_len - 1), non_blocking=True)
-        s.write_pos.copy_(write_pos, non_blocking=True)
-        s.mask.copy_(mask[:, None], non_blocking=True)
-        if self.exit_head:
-            s.slots.copy_(torch.tensor(slots + slots[:1] * (R - B)), non_blocking=True)  # padding: the scratch position
-            s.last.copy_(torch.tensor([c - 1 for c in counts] + [0] * (R - B)), non_blocking=True)
+        """Copy one forward's tokens and rows (start, count, slot) into the shape's buffers."""
+        pad = s.rows.shape[1] - len(counts)
+        # padding rows: no tokens; a target's take the free slots B..R-1, a draft's the first row's
+        pad_slots = slots[:1] * pad if self.exit_head else list(range(len(counts), len(counts) + pad))
+        s.rows.copy_(torch.tensor([starts + [0] * pad, counts + [0] * pad, slots + pad_slots]), non_blocking=True)
         if x is not None:
-            s.x[:B].copy_(x, non_blocking=True)
+            s.x[:len(counts)].copy_(x, non_blocking=True)
 
     def run(self, slots: list[int], starts: list[int], counts: list[int], x: torch.Tensor | None):
         """One step over counts[b] new tokens x[b] ([B, T] tokens; None for a draft segment past the
@@ -183,15 +136,18 @@ class StaticForward:
         [B, T, V], or a draft segment's (logits [B, V], confidence [B], argmax [B])."""
         lm = self.lm
         B, T = len(counts), max(counts)
-        end = max(st + c for st, c in zip(starts, counts))  # past the cache: positions() raises
+        end = max(st + c for st, c in zip(starts, counts))
+        lm.check_fits(end)
         R = min(pow2_at_least(B), lm.n_slots)
-        n_keys = min(pow2_at_least(end, KEY_BUCKET), lm.max_len + 1)
+        n_keys = min(pow2_at_least(end, KEY_BUCKET), lm.max_len)
         s = self._shape(R, T, n_keys)
         self._fill(s, slots, starts, counts, x)
         self.replays += 1
         t0 = time.perf_counter()
-        if not self.capture:
-            out = self.fn(s.x, s.pos, s.write_pos, s.mask, s.slots, s.last)
+        if self.compiled:
+            out = self._run_compiled(s)
+        elif not self.capture:
+            out = self._step(*s.args())
         else:
             if s.graph is None:
                 self._capture(s)
@@ -205,33 +161,42 @@ class StaticForward:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):  # warm-up before capture (allocator, lazy init)
-                self._step(s.x, s.pos, s.write_pos, s.mask, s.slots, s.last)
+                self._step(*s.args())
         torch.cuda.current_stream().wait_stream(side)
         s.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(s.graph, pool=self.pool):
-            s.out = self._step(s.x, s.pos, s.write_pos, s.mask, s.slots, s.last)
+            s.out = self._step(*s.args())
 
-    def warm_up(self):
-        """Compile before serving: one forward of each dynamic class (one row or two, one token or
-        two) covers every bucket. It writes the first positions of slots 0 and 1, which no live
-        sequence holds yet (a sequence writes every position before it reads it)."""
-        lm = self.lm
-        if not self.compiled:
-            return  # CUDA graphs are captured per bucket on first use; eager needs nothing
-        for rows in sorted({1, min(2, lm.n_slots)}):
-            for w in (1, 2):
-                x = torch.zeros(rows, w, dtype=torch.long, device=lm.first_device) if self.from_tokens else None
-                self.run(list(range(rows)), [0] * rows, [w] * rows, x)
+    def compile(self):
+        """Build or load this step's package (s2d/aot.py), before serving."""
+        global compilations, loaded
+        if not self.compiled or self.run_compiled is not None:
+            return
+        dev = self.lm.first_device
+        R = min(2, self.lm.n_slots)
+        example = self._shape(R, 2, min(2 * KEY_BUCKET, self.lm.max_len))
+        example.rows[1:] = torch.tensor([[2] * R, list(range(R))], device=dev)  # two tokens a row, slots 0..R-1
+        self.run_compiled, built = aot.load_or_build(self, example.args())
+        compilations += built
+        loaded += not built
+
+    def _run_compiled(self, s: Shape):
+        if self.run_compiled is None:
+            raise RuntimeError("a compiled static forward ran before compile(): call warm_up at startup")
+        out = self.run_compiled([t for t in (*s.args(), self.hidden, *self.lm.cache.k, *self.lm.cache.v) if t is not None])
+        return out if self.exit_head else out[0]
 
 
 def warm_up(name: str, forwards: list[StaticForward]):
-    """Compile a model's static forwards at startup, with a progress line."""
+    """Build (or load from the disk cache) a model's compiled steps at startup, with a progress line."""
     todo = [f for f in forwards if f.compiled]
     if not todo:
         return
     t0, before = time.perf_counter(), compilations
-    log.warning("s2d: compiling %s's static forwards (%d functions; cached in %s)...", name, len(todo), compile_cache_dir())
+    log.warning("s2d: compiling %s's static forwards (%d functions, or loading them from %s)...", name, len(todo),
+                aot.cache_dir())
     with torch.inference_mode():
         for f in todo:
-            f.warm_up()
-    log.warning("s2d: compiled %s: %d graphs in %.1f s", name, compilations - before, time.perf_counter() - t0)
+            f.compile()
+    log.warning("s2d: %s ready: %d compiled, %d loaded, in %.1f s", name, compilations - before,
+                len(todo) - (compilations - before), time.perf_counter() - t0)

@@ -346,12 +346,14 @@ class CausalLM(nn.Module):
             mask &= keys[None, None, :] > pos[:, :, None] - self.window
         return mask
 
+    def check_fits(self, end: int):
+        if end > self.max_len:
+            raise ValueError(f"sequence needs {end} positions, past the KV cache's {self.max_len}")
+
     def positions(self, starts: list[int], counts: list[int], T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, T] each row's positions from its start, and the cache rows its tokens write: past a
         row's counts[b] tokens (padding), the scratch row at max_len."""
-        end = max(s + c for s, c in zip(starts, counts))
-        if end > self.max_len:
-            raise ValueError(f"sequence needs {end} positions, past the KV cache's {self.max_len}")
+        self.check_fits(max(s + c for s, c in zip(starts, counts)))
         pos = torch.tensor(starts, device=device)[:, None] + torch.arange(T, device=device)
         real = torch.arange(T, device=device)[None, :] < torch.tensor(counts, device=device)[:, None]
         return pos, torch.where(real, pos, torch.full_like(pos, self.max_len))

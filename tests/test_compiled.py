@@ -1,4 +1,4 @@
-"""The compiled static-shape step (s2d/graphs.py on CPU: torch.compile at startup) says what the
+"""The compiled static-shape step (s2d/graphs.py on CPU: an AOTInductor package built or loaded at startup) says what the
 eager forward says, token for token in fp32, and compiles nothing once it serves."""
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from conftest import PROMPTS, make_config
 
 @pytest.fixture(scope="module")
 def compiled_engine(family):
-    before = s2d.graphs.compilations
+    before = s2d.graphs.compilations + s2d.graphs.loaded
     eng = Engine.from_config(make_config(family, static_forward="on"))
-    # four graphs (one row or several, one token or several) per target and per draft segment
-    assert s2d.graphs.compilations - before == 4 * (len(eng.verifiers) + len(eng.exits))
+    # one package per target and per draft segment, compiled now or loaded from the disk cache
+    assert s2d.graphs.compilations + s2d.graphs.loaded - before == len(eng.verifiers) + len(eng.exits)
     return eng
 
 
@@ -32,14 +32,14 @@ def ragged(mode: str) -> list[Request]:
 def test_compiled_equals_eager_token_for_token(family, compiled_engine, mode):
     eager = Engine.from_config(make_config(family, static_forward="off"))
     reqs = ragged(mode)
-    before = s2d.graphs.compilations
+    before = s2d.graphs.compilations + s2d.graphs.loaded
     got = compiled_engine.generate(reqs)
-    assert s2d.graphs.compilations == before  # shapes never seen at startup reuse its graphs
+    assert s2d.graphs.compilations + s2d.graphs.loaded == before  # shapes never seen at startup reuse its graphs
     want = eager.generate(ragged(mode))
     for r, g, w in zip(reqs, got, want):
         assert g["token_ids"] == w["token_ids"], (mode, r.target, r.prompt)
     static = [v.lm.static for v in compiled_engine.verifiers.values()] + compiled_engine.proposer.draft.static
     assert all(s.compiled for s in static)
-    assert len({k for s in static for k in s.shapes}) > 4  # many buckets, four graphs
+    assert len({k for s in static for k in s.shapes}) > 4  # many buckets, one package each
     if mode != "ar":
         assert all(s.replays > 0 for s in compiled_engine.proposer.draft.static)

@@ -1,0 +1,110 @@
+"""A static step compiled ahead of time on CPU: torch.export, then AOTInductor, into a package on disk.
+
+The package runs the step from C++: no Python guards or wrapper on each call (a drafted token to
+exit 1 took 0.57 ms through torch.compile and 0.17 ms as a package; docs/bench/compiled.md), and a
+restart loads it in a second instead of compiling again. One package per static forward: rows,
+tokens and keys are dynamic dimensions. Weights are frozen into it as constants; the KV cache and
+the draft's hidden states are inputs the step writes in place.
+
+A package is named by what it was built from (the weights, dtype, slots, context, segment, torch,
+this code and the GEMM autotuning), so a changed checkpoint or code gets a new one."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger("s2d.aot")
+
+
+def autotune() -> bool:
+    """Whether compiling picks each GEMM's kernel by timing it (S2D_AUTOTUNE=0: no, a faster start)."""
+    return os.environ.get("S2D_AUTOTUNE") != "0"
+
+
+def cache_dir() -> Path:
+    """Where packages live across restarts: inductor's cache (TORCHINDUCTOR_CACHE_DIR moves it)."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir as inductor_cache
+
+    return Path(inductor_cache()) / "s2d-aot"
+
+
+class _Step(nn.Module):
+    """StaticForward._step with the caches (and a draft's hidden states) as explicit inputs, which
+    torch.export needs for the writes into them to stay in place."""
+
+    def __init__(self, sf):
+        super().__init__()
+        self.lm = sf.lm  # its weights become the package's constants
+        self.sf = [sf]  # not a submodule
+
+    def forward(self, x, rows, cols, keys, hidden, ks, vs):
+        sf = self.sf[0]
+        cache = sf.lm.cache
+        saved = cache.k, cache.v, sf.hidden
+        cache.k, cache.v, sf.hidden = list(ks), list(vs), hidden
+        try:
+            return sf._step(x, rows, cols, keys)
+        finally:
+            cache.k, cache.v, sf.hidden = saved
+
+
+def inputs(sf, x, rows, cols, keys) -> tuple:
+    return x, rows, cols, keys, sf.hidden, tuple(sf.lm.cache.k), tuple(sf.lm.cache.v)
+
+
+def _fingerprint(sf) -> str:
+    """What the package is built from: shapes, dtype, weights (each tensor's sum and first values),
+    torch, this code and the autotuning choice."""
+    lm = sf.lm
+    h = hashlib.sha256()
+    src = Path(__file__).parent
+    for name in ("aot.py", "graphs.py", "model.py", "cache.py"):
+        h.update((src / name).read_bytes())
+    h.update(repr((torch.__version__, str(lm.dtype), lm.n_slots, lm.max_len, sf.lo, sf.hi, sf.exit_head,
+                   autotune(), lm.window)).encode())
+    with torch.no_grad():
+        for name, t in sorted(lm.state_dict().items()):
+            h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+            h.update(t.flatten()[:8].float().numpy().tobytes())
+            h.update(repr(float(t.float().sum())).encode())
+    return h.hexdigest()[:24]
+
+
+def build(sf, example) -> Path:
+    """Export the step over `example` (buffers of 2 rows of 2 tokens) and compile its package."""
+    from torch.export import Dim
+
+    lm = sf.lm
+    R, T = Dim("rows", min=1, max=lm.n_slots), Dim("tokens", min=1, max=max(sf.max_width, 2))
+    K = Dim("keys", min=1, max=lm.max_len)
+    n = len(lm.cache.k)
+    shapes = ({0: R, 1: T} if example[0] is not None else None, {1: R}, {0: T}, {0: K}, None,
+              (None,) * n, (None,) * n)
+    with torch.no_grad():
+        program = torch.export.export(_Step(sf).eval(), inputs(sf, *example), dynamic_shapes=shapes, strict=False)
+    opts = {"freezing": True}
+    if autotune():
+        # inductor's C++ GEMM templates where they time faster than oneDNN: on the few-row GEMMs of
+        # decode and verify they skip oneDNN's per-call cost (bf16: about 5 us a GEMM against 30)
+        opts.update(max_autotune=True, max_autotune_gemm_backends="CPP,ATEN")
+    path = cache_dir() / f"{_fingerprint(sf)}.pt2"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.pt2")
+    torch._inductor.aoti_compile_and_package(program, package_path=str(tmp), inductor_configs=opts)
+    tmp.replace(path)  # whole or absent, for a process that starts beside this one
+    return path
+
+
+def load_or_build(sf, example) -> tuple[object, bool]:
+    """The step's compiled runner, and whether it was built now (False: loaded from the cache)."""
+    path = cache_dir() / f"{_fingerprint(sf)}.pt2"
+    built = not path.exists()
+    if built:
+        path = build(sf, example)
+    runner = torch._inductor.aoti_load_package(str(path))
+    return runner.loader.run, built
