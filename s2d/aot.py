@@ -54,7 +54,14 @@ class _Step(nn.Module):
 
 
 def inputs(sf, x, rows, cols, keys) -> tuple:
+    """_Step's inputs: a shape's buffers, then the draft's hidden states and the KV cache."""
     return x, rows, cols, keys, sf.hidden, tuple(sf.lm.cache.k), tuple(sf.lm.cache.v)
+
+
+def flat_inputs(sf, args: tuple) -> list[torch.Tensor]:
+    """The same, as the list a package's runner takes (None left out, as torch.export flattens)."""
+    x, rows, cols, keys, hidden, ks, vs = inputs(sf, *args)
+    return [t for t in (x, rows, cols, keys, hidden, *ks, *vs) if t is not None]
 
 
 def _fingerprint(sf) -> str:
@@ -80,10 +87,11 @@ def build(sf, example) -> Path:
     from torch.export import Dim
 
     lm = sf.lm
-    R, T = Dim("rows", min=1, max=lm.n_slots), Dim("tokens", min=1, max=max(sf.max_width, 2))
+    R = Dim("rows", min=1, max=lm.n_slots) if lm.n_slots > 1 else None  # one slot: a static 1
+    T = Dim("tokens", min=1, max=max(sf.max_width, 2))
     K = Dim("keys", min=1, max=lm.max_len)
     n = len(lm.cache.k)
-    shapes = ({0: R, 1: T} if example[0] is not None else None, {1: R}, {0: T}, {0: K}, None,
+    shapes = ({0: R, 1: T} if example[0] is not None else None, {1: R} if R else None, {0: T}, {0: K}, None,
               (None,) * n, (None,) * n)
     with torch.no_grad():
         program = torch.export.export(_Step(sf).eval(), inputs(sf, *example), dynamic_shapes=shapes, strict=False)

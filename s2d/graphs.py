@@ -183,7 +183,7 @@ class StaticForward:
     def _run_compiled(self, s: Shape):
         if self.run_compiled is None:
             raise RuntimeError("a compiled static forward ran before compile(): call warm_up at startup")
-        out = self.run_compiled([t for t in (*s.args(), self.hidden, *self.lm.cache.k, *self.lm.cache.v) if t is not None])
+        out = self.run_compiled(aot.flat_inputs(self, s.args()))
         return out if self.exit_head else out[0]
 
 
