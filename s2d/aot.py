@@ -65,15 +65,15 @@ def flat_inputs(sf, args: tuple) -> list[torch.Tensor]:
 
 
 def _fingerprint(sf) -> str:
-    """What the package is built from: shapes, dtype, weights (each tensor's sum and first values),
-    torch, this code and the autotuning choice."""
+    """What the package is built from: which step (segment, fill), shapes, dtype, weights (each
+    tensor's sum and first values), torch, this code and the autotuning choice."""
     lm = sf.lm
     h = hashlib.sha256()
     src = Path(__file__).parent
     for name in ("aot.py", "graphs.py", "model.py", "cache.py"):
         h.update((src / name).read_bytes())
-    h.update(repr((torch.__version__, str(lm.dtype), lm.n_slots, lm.max_len, sf.lo, sf.hi, sf.exit_head,
-                   autotune(), lm.window)).encode())
+    h.update(repr((torch.__version__, str(lm.dtype), lm.n_slots, lm.max_len, sf.lo, sf.hi, sf.exit_head, sf.fill,
+                   sf.max_width, autotune(), lm.window)).encode())
     with torch.no_grad():
         for name, t in sorted(lm.state_dict().items()):
             h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())

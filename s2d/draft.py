@@ -72,7 +72,7 @@ class SortedDraft:
         self.hidden = torch.zeros(lm.n_slots, lm.max_len + 1, lm.cfg.hidden_size, dtype=lm.dtype, device=lm.last_device)
         # each segment's step, exit head included, at static shapes (compiled on CPU, captured on CUDA)
         self.static = [StaticForward(lm, lm.static_mode, bounds, self.hidden) for bounds in self.bounds] if lm.static else []
-        lm.static = None  # the whole stack is never run at once
+        lm.static = lm.static_fill = None  # the whole stack is never run at once
         self.fill = [[0] * len(exits) for _ in range(lm.n_slots)]
 
     @classmethod

@@ -38,7 +38,7 @@ def load_target(cfg: EngineConfig, name: str) -> CausalLM:
     lm = CausalLM.from_pretrained(cfg.resolve(t.path), n_slots=t.max_seqs, max_len=t.max_seq_len, dtype=t.dtype,
                                   devices=t.placement, trust_remote_code=t.trust_remote_code,
                                   static_forward=t.static_forward)
-    warm_up(name, [lm.static] if lm.static else [])
+    warm_up(name, [lm.static, lm.static_fill] if lm.static else [])
     return lm
 
 

@@ -30,7 +30,8 @@ from s2d.model import KEY_BUCKET, Batch, CausalLM, Group, confidence, pow2_at_le
 
 log = logging.getLogger("s2d.graphs")
 
-MAX_WIDTH = 16  # tokens per row a static forward takes (verify of up to 15 drafts)
+MAX_WIDTH = 16  # tokens per row a target's decode or verify step takes (verify of up to 15 drafts)
+FILL_WIDTH = 256  # tokens per row a fill step (prompt chunks) and a draft segment's step take
 compilations = 0  # steps compiled in this process (tests: none while serving)
 loaded = 0  # steps loaded compiled from the disk cache
 
@@ -60,16 +61,18 @@ class StaticForward:
     decision's confidence and argmax, so a drafted token is one call per segment and one host sync."""
 
     def __init__(self, lm: CausalLM, mode: str = "on", segment: tuple[int, int] | None = None,
-                 hidden: torch.Tensor | None = None):
+                 hidden: torch.Tensor | None = None, fill: bool = False):
         self.lm = lm
         self.lo, self.hi = segment or (0, lm.n_layers)
         self.exit_head = segment is not None
+        self.fill = fill  # a target's prompt chunks: any slots, the cache written, no head
+        self.gather = self.exit_head or fill  # rows in any slots (their keys gathered), not 0..R-1
         self.from_tokens = self.lo == 0
         self.hidden = hidden  # [n_slots, max_len + 1, d] a draft's hidden states (exit_head only)
         dev = torch.device(lm.first_device)
         self.capture = mode == "on" and dev.type == "cuda"
         self.compiled = mode == "on" and dev.type == "cpu"
-        self.max_width = MAX_WIDTH
+        self.max_width = FILL_WIDTH if self.gather else MAX_WIDTH
         self.run_compiled = None  # the package's runner (s2d/aot.py), set by compile()
         self.shapes: dict[tuple[int, int, int], Shape] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
@@ -77,8 +80,8 @@ class StaticForward:
         self.one_device = lm.first_device == lm.last_device and len(set(lm.layer_devices)) == 1
 
     def eligible(self, slots: list[int], counts: list[int]) -> bool:
-        contiguous = self.exit_head or slots == list(range(len(slots)))
-        return self.one_device and contiguous and max(counts) <= MAX_WIDTH
+        contiguous = self.gather or slots == list(range(len(slots)))
+        return self.one_device and contiguous and max(counts) <= self.max_width
 
     def _step(self, x, rows, cols, keys):
         """Pure tensor code over the static buffers (compiled or captured). A target: the logits
@@ -97,13 +100,15 @@ class StaticForward:
         if lm.window:
             mask &= keys > pos[:, :, None] - lm.window
         mask = mask[:, None]  # [R, 1, T, K]
-        # targets read slots 0..R-1 as a view; a draft segment gathers its rows' slots
-        g = Group(0, R, T, slots, mask, keys.shape[0], None if self.exit_head else 0)
+        # decode and verify read slots 0..R-1 as a view; a draft segment and a fill gather their rows' slots
+        g = Group(0, R, T, slots, mask, keys.shape[0], None if self.gather else 0)
         b = Batch(slots[:, None].expand(R, T), pos, write_pos, [g], [])
         h = lm.model.embed_tokens(x) if self.from_tokens else self.hidden[slots[:, None], write_pos]  # [R, T, d]
         cos, sin = lm.rope(pos)
         for i in range(self.lo, self.hi):
             h = lm.model.layers[i](h, cos, sin, lm.cache, i, b)
+        if self.fill:
+            return h[:1, -1, :1]  # [1, 1] nothing is read: the cache was the point
         if not self.exit_head:
             return lm.head(h)  # [R, T, V]: a verify needs every real position
         self.hidden[slots[:, None], write_pos] = h  # padding rows write the scratch position
@@ -124,8 +129,8 @@ class StaticForward:
     def _fill(self, s: Shape, slots: list[int], starts: list[int], counts: list[int], x: torch.Tensor | None):
         """Copy one forward's tokens and rows (start, count, slot) into the shape's buffers."""
         pad = s.rows.shape[1] - len(counts)
-        # padding rows: no tokens; a target's take the free slots B..R-1, a draft's the first row's
-        pad_slots = slots[:1] * pad if self.exit_head else list(range(len(counts), len(counts) + pad))
+        # padding rows: no tokens; in slots B..R-1 of a view, else in the first row's slot
+        pad_slots = slots[:1] * pad if self.gather else list(range(len(counts), len(counts) + pad))
         s.rows.copy_(torch.tensor([starts + [0] * pad, counts + [0] * pad, slots + pad_slots]), non_blocking=True)
         if x is not None:
             s.x[:len(counts)].copy_(x, non_blocking=True)
@@ -173,9 +178,11 @@ class StaticForward:
         if not self.compiled or self.run_compiled is not None:
             return
         dev = self.lm.first_device
-        R = min(2, self.lm.n_slots)
-        example = self._shape(R, 2, min(2 * KEY_BUCKET, self.lm.max_len))
-        example.rows[1:] = torch.tensor([[2] * R, list(range(R))], device=dev)  # two tokens a row, slots 0..R-1
+        # an example of the sizes served (autotuning times the GEMMs at them): two rows of two
+        # tokens, or of a chunk's 64 for a fill
+        R, T = min(2, self.lm.n_slots), 64 if self.fill else 2
+        example = self._shape(R, T, min(pow2_at_least(T + 1, 2 * KEY_BUCKET), self.lm.max_len))
+        example.rows[1:] = torch.tensor([[T] * R, list(range(R))], device=dev)  # slots 0..R-1
         self.run_compiled, built = aot.load_or_build(self, example.args())
         compilations += built
         loaded += not built

@@ -265,7 +265,7 @@ class CausalLM(nn.Module):
         # s2d/graphs.py: decode and verify at static shapes, compiled or captured (resolve_static);
         # a sorted draft builds one per segment instead
         self.static_forward = static_forward
-        self.static = None
+        self.static = self.static_fill = None  # decode and verify; prompt chunks
 
     # -- loading -------------------------------------------------------------------------------
     @classmethod
@@ -315,6 +315,7 @@ class CausalLM(nn.Module):
             from s2d.graphs import StaticForward
 
             self.static = StaticForward(self, self.static_mode)
+            self.static_fill = StaticForward(self, self.static_mode, fill=True)
         hd = getattr(self.cfg, "head_dim", None) or self.cfg.hidden_size // self.cfg.num_attention_heads
         self.cache = KVCache(self.n_slots, self.max_len, self.cfg.num_key_value_heads, hd, self.dtype, self.layer_devices)
         return self

@@ -274,6 +274,11 @@ class Proposer(Worker):
         self.failed.add(item.seq_id)
 
 
+def padded(rows: list[list[int]]) -> int:
+    """Tokens a forward computes for rows padded to the longest."""
+    return len(rows) * max(map(len, rows), default=0)
+
+
 def split_by_keys(rows: list[int], ends: list[int]) -> list[list[int]]:
     """The decode rows in one group, or two when the longest context is more than SPLIT_KEYS times
     the shortest: short contexts then do not attend over the long one's keys. Below that, one group
@@ -311,22 +316,29 @@ class Verifier(Worker):
                 fill.append((slots[n + i], starts[i], it.tokens[starts[i]:-1]))
                 starts[i] = len(it.tokens) - 1
             rows.append(it.tokens[starts[i]:] + it.drafts)
+        t0 = time.perf_counter()
+        filled = bool(fill)
+        self.prefill_forwards += filled
+        n_tokens = padded([f[2] for f in fill])  # and the decode groups' below: what the forwards compute
+        if fill and lm.static_fill and lm.static_fill.eligible([f[0] for f in fill], [len(f[2]) for f in fill]):
+            # prompt chunks through the compiled fill step, ahead of the decode rows
+            sl, st, toks = (list(col) for col in zip(*fill))
+            lm.static_fill.run(sl, st, [len(t) for t in toks], pad_tokens(toks, lm.first_device))
+            fill = []
         dec = split_by_keys(list(range(len(items))), [st + len(r) for st, r in zip(starts, rows)]) if items else []
         dec = [sorted(g, key=lambda i: slots[n + i]) for g in dec]  # slot order: adjacent slots read the cache as a view
         groups = ([[list(col) for col in zip(*fill)]] if fill else []) + \
             [[[slots[n + i] for i in g], [starts[i] for i in g], [rows[i] for i in g]] for g in dec]
-        self.prefill_forwards += bool(fill)
         if items:
             self.batch_sizes.append(len(items))
-        t0 = time.perf_counter()
-        n_tokens = sum(len(rs) * max(map(len, rs)) for _, _, rs in groups)  # padded: what the forward computes
+        n_tokens += sum(padded(rs) for _, _, rs in groups[len(groups) - len(dec):])
         one = groups[0] if lm.static and not fill and len(dec) == 1 else None  # (slots, starts, rows)
         if one and lm.static.eligible(one[0], counts := [len(r) for r in one[2]]):
             # the bucketed static step (compiled on CPU, a CUDA graph on GPU): one group of rows in slots 0..B-1
             out = lm.static.run(one[0], one[1], counts, pad_tokens(one[2], lm.first_device))  # [B, T, V]
             layout = [(0, out.shape[1])]
             pick = lambda at: out.reshape(-1, out.shape[-1])[at]  # noqa: E731
-        else:
+        elif groups:
             batch = lm.packed([(sl, st, [len(r) for r in rs]) for sl, st, rs in groups])
             h = lm.run_layers(lm.embed(pack_tokens([rs for _, _, rs in groups], lm.first_device)), batch)  # [1, N, d]
             layout = [(grp.start, grp.width) for grp in batch.groups[len(groups) - len(dec):]]
@@ -359,7 +371,7 @@ class Verifier(Worker):
             emitted = verify_batch([items[i].drafts for i in batch], torch.cat([rows[i] for i in batch]),
                                    [items[i].q for i in batch], ps, gens)
             # timed to the batch's one sync: on a GPU the forward has run by then, not only launched
-            self._observe("verify" if not fill else "verify+prefill", len(items), n_tokens, time.perf_counter() - t0)
+            self._observe("verify" if not filled else "verify+prefill", len(items), n_tokens, time.perf_counter() - t0)
             for i, toks in zip(batch, emitted):
                 it = items[i]
                 if toks is None:  # greedy would pick NaN's index silently, sampling would pass it

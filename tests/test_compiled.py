@@ -15,8 +15,9 @@ from conftest import PROMPTS, make_config
 def compiled_engine(family):
     before = s2d.graphs.compilations + s2d.graphs.loaded
     eng = Engine.from_config(make_config(family, static_forward="on"))
-    # one package per target and per draft segment, compiled now or loaded from the disk cache
-    assert s2d.graphs.compilations + s2d.graphs.loaded - before == len(eng.verifiers) + len(eng.exits)
+    # one package per draft segment and two per target (decode and verify; prompt chunks), compiled
+    # now or loaded from the disk cache
+    assert s2d.graphs.compilations + s2d.graphs.loaded - before == 2 * len(eng.verifiers) + len(eng.exits)
     return eng
 
 
@@ -39,6 +40,7 @@ def test_compiled_equals_eager_token_for_token(family, compiled_engine, mode):
     for r, g, w in zip(reqs, got, want):
         assert g["token_ids"] == w["token_ids"], (mode, r.target, r.prompt)
     static = [v.lm.static for v in compiled_engine.verifiers.values()] + compiled_engine.proposer.draft.static
+    assert all(v.lm.static_fill.replays > 0 for v in compiled_engine.verifiers.values())  # prompts went compiled
     assert all(s.compiled for s in static)
     assert len({k for s in static for k in s.shapes}) > 4  # many buckets, one package each
     if mode != "ar":
