@@ -16,7 +16,8 @@ positions and the mask are computed inside the step), so:
 - with `mode="eager"` the same function runs eagerly from the same buffers, so CPU tests exercise
   the path a GPU runs.
 The LM head runs inside the step: a target's on every position, a draft segment's (norm, head,
-the exit decision's confidence and argmax) on each row's last token."""
+the exit decision's confidence and argmax) on each row's last token. A target's fill step takes
+prompt chunks in any slots, up to FILL_WIDTH tokens a row, and only writes the cache."""
 from __future__ import annotations
 
 import logging
