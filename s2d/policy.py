@@ -21,7 +21,7 @@ speculation), and per target at which exits, from measured step costs and live a
 
 Both explore a little, so estimates stay live where the policy is not looking: every EXPLORE_EVERY
 ticks the drafting rows try a neighbouring k, and one tick in PROBE_EVERY drafts through every exit;
-a row that does not draft tries k = 1 now and then, within a time budget (OFF_BUDGET). Drafts from
+a row that does not draft tries its top k now and then, within a time budget (OFF_BUDGET). Drafts from
 any k and exit are verified by the target, so every choice is lossless; the policy only changes speed."""
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from s2d.model import pow2_at_least
 DECAY = 0.98  # per observation: old traffic fades, so the policy follows a change of load or content
 BINS = 10  # confidence bins per exit
 EXPLORE_EVERY = 16  # ticks between rounds with a neighbouring k for the drafting rows
-OFF_BUDGET = 0.02  # rows that do not draft may try k = 1 within this share of the time: a probe pays the
+OFF_BUDGET = 0.02  # rows that do not draft may try their top k within this share of the time: a probe pays the
 #                    draft's catch-up on every token the probing row missed, so they come rarer as that grows
 PROBE_EVERY = 8  # ticks: one in this many drafts through every exit (for the thresholds)
 MIN_ROUNDS = 8.0  # decayed rounds of a target's acceptance before the policy trusts it over the profile
@@ -273,8 +273,10 @@ class TargetBatch:
 
     def _look_around(self, choices: list[Choice], ks: dict[str, int], t: RoundCosts, seconds: float):
         """Every EXPLORE_EVERY ticks the drafting rows try a neighbouring k; a row that does not draft
-        tries k = 1 once OFF_BUDGET of the rounds' time since the last probe covers the probe's cost
-        (its catch-up and a drafting round's extra time), the row with the least to catch up first."""
+        tries its top k once OFF_BUDGET of the rounds' time since the last probe covers the probe's
+        cost (its catch-up and a drafting round's extra time), the row with the least to catch up
+        first. The top k, not 1: a probe of one draft would leave the later positions' acceptance as
+        the policy last saw it, and a pessimistic early estimate would keep speculation off for good."""
         if self.ticks % EXPLORE_EVERY == 0:
             for c in choices:
                 k = ks[c.row.seq_id]
@@ -285,9 +287,9 @@ class TargetBatch:
             return
         self.credit += OFF_BUDGET * seconds
         c = min(off, key=lambda c: c.row.catchup)
-        if self.credit >= c.catchup_s + t.seconds(1, 1) - t.seconds(0, 0):
+        if self.credit >= c.catchup_s + t.seconds(c.top, c.curve[-1][1]) - t.seconds(0, 0):
             self.credit = 0.0
-            ks[c.row.seq_id] = 1
+            ks[c.row.seq_id] = c.top
 
 
 class TargetPolicy:
