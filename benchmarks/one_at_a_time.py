@@ -29,7 +29,7 @@ def main(dtype: str, static_forward: str, target: str):
     cfg = only_targets(cfg, [target])
     t0 = time.time()
     eng = Engine.from_config(cfg)
-    print(f"startup {time.time() - t0:.1f} s, {s2d.graphs.compilations} graphs compiled", flush=True)
+    print(f"startup {time.time() - t0:.1f} s, {s2d.graphs.compilations} packages compiled, {s2d.graphs.loaded} loaded", flush=True)
     prompts = heldout_code(Path(cfg.base_dir), 6)
 
     def run(name):

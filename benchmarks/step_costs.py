@@ -70,7 +70,7 @@ def main():
     print("\n| draft: one token to exit | ms |\n|---|---|")
     for i, e in enumerate(draft.exits):
         print(f"| {e} ({i + 1} segments and exit heads) | {median_ms(lambda: to_exit(i + 1), a.reps):.2f} |")
-    print(f"\ngraphs compiled in all: {s2d.graphs.compilations}")
+    print(f"\npackages compiled in all: {s2d.graphs.compilations}, loaded: {s2d.graphs.loaded}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """A static step compiled ahead of time on CPU: torch.export, then AOTInductor, into a package on disk.
 
 The package runs the step from C++: no Python guards or wrapper on each call (a drafted token to
-exit 1 took 0.57 ms through torch.compile and 0.17 ms as a package; docs/bench/compiled.md), and a
-restart loads it in a second instead of compiling again. One package per static forward: rows,
+exit 1 took 0.56 ms through torch.compile and 0.17 ms as a package, benchmarks/step_costs.py in
+docs/bench/compiled.md), and a restart loads it in a second instead of compiling again. One package per static forward: rows,
 tokens and keys are dynamic dimensions. Weights are frozen into it as constants; the KV cache and
 the draft's hidden states are inputs the step writes in place.
 
@@ -11,14 +11,11 @@ this code and the GEMM autotuning), so a changed checkpoint or code gets a new o
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 from pathlib import Path
 
 import torch
 from torch import nn
-
-log = logging.getLogger("s2d.aot")
 
 
 def autotune() -> bool:
@@ -82,8 +79,8 @@ def _fingerprint(sf) -> str:
     return h.hexdigest()[:24]
 
 
-def build(sf, example) -> Path:
-    """Export the step over `example` (buffers of 2 rows of 2 tokens) and compile its package."""
+def build(sf, example, path: Path):
+    """Export the step over `example` (a shape's buffers) and compile its package into `path`."""
     from torch.export import Dim
 
     lm = sf.lm
@@ -100,12 +97,10 @@ def build(sf, example) -> Path:
         # inductor's C++ GEMM templates where they time faster than oneDNN: on the few-row GEMMs of
         # decode and verify they skip oneDNN's per-call cost (bf16: about 5 us a GEMM against 30)
         opts.update(max_autotune=True, max_autotune_gemm_backends="CPP,ATEN")
-    path = cache_dir() / f"{_fingerprint(sf)}.pt2"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp.pt2")
     torch._inductor.aoti_compile_and_package(program, package_path=str(tmp), inductor_configs=opts)
     tmp.replace(path)  # whole or absent, for a process that starts beside this one
-    return path
 
 
 def load_or_build(sf, example) -> tuple[object, bool]:
@@ -113,6 +108,6 @@ def load_or_build(sf, example) -> tuple[object, bool]:
     path = cache_dir() / f"{_fingerprint(sf)}.pt2"
     built = not path.exists()
     if built:
-        path = build(sf, example)
+        build(sf, example, path)
     runner = torch._inductor.aoti_load_package(str(path))
     return runner.loader.run, built

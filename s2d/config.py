@@ -63,9 +63,10 @@ class ModelSpec(Strict):
     device: str = "cpu"
     devices: list[str] | None = None  # layer-wise placement over several devices (large targets)
     dtype: Dtype = "auto"  # auto: bfloat16 on GPU and on a CPU with AVX512-BF16 or AMX, else float32
-    # Decode, verify and draft steps at bucketed static shapes (s2d/graphs.py): on (and auto) compiles
-    # them on CPU (AOTInductor packages, built or loaded at startup) and captures CUDA graphs on CUDA; eager runs the same
-    # shapes uncompiled (auto does too where S2D_COMPILE=0, as in the tests); off: the eager forward.
+    # Decode, verify, prompt-chunk and draft steps at bucketed static shapes (s2d/graphs.py): on (and
+    # auto) compiles them on CPU (AOTInductor packages, built or loaded at startup) and captures CUDA
+    # graphs on CUDA; eager runs the same shapes uncompiled (auto does too where S2D_COMPILE=0, as in
+    # the tests); off: the eager forward.
     static_forward: Literal["auto", "on", "eager", "off"] = "auto"
     max_seqs: int = Field(8, ge=1)  # KV-cache slots
     max_seq_len: int | None = Field(None, ge=8)  # default: min(model context, 2048)

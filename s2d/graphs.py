@@ -32,7 +32,7 @@ from s2d.model import KEY_BUCKET, Batch, CausalLM, Group, confidence, pow2_at_le
 log = logging.getLogger("s2d.graphs")
 
 MAX_WIDTH = 16  # tokens per row a target's decode or verify step takes (verify of up to 15 drafts)
-FILL_WIDTH = 256  # tokens per row a fill step (prompt chunks) and a draft segment's step take
+FILL_WIDTH = 256  # tokens per row a fill step (prompt chunks) and a draft segment's step take on CPU
 compilations = 0  # steps compiled in this process (tests: none while serving)
 loaded = 0  # steps loaded compiled from the disk cache
 
@@ -73,7 +73,9 @@ class StaticForward:
         dev = torch.device(lm.first_device)
         self.capture = mode == "on" and dev.type == "cuda"
         self.compiled = mode == "on" and dev.type == "cpu"
-        self.max_width = FILL_WIDTH if self.gather else MAX_WIDTH
+        # chunks of any length through one package on CPU; a CUDA graph is captured per shape, so
+        # there prompt chunks stay within the decode and verify widths (a bounded set of graphs)
+        self.max_width = FILL_WIDTH if self.gather and not self.capture else MAX_WIDTH
         self.run_compiled = None  # the package's runner (s2d/aot.py), set by compile()
         self.shapes: dict[tuple[int, int, int], Shape] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
@@ -87,20 +89,16 @@ class StaticForward:
     def _step(self, x, rows, cols, keys):
         """Pure tensor code over the static buffers (compiled or captured). A target: the logits
         [R, T, V] of every position (a decode or verify row is all real tokens but its padding). A
-        draft segment: (logits [R, V], confidence [R], argmax [R]) at each row's
-        last token, its hidden states written for the next segment."""
+        draft segment: (logits [R, V], confidence [R], argmax [R]) at each row's last token, its
+        hidden states written for the next segment. A fill: only the cache written."""
         lm = self.lm
         starts, counts, slots = rows  # [R] each
         R, T = rows.shape[1], cols.shape[0]
-        pos = starts[:, None] + cols  # [R, T]
-        write_pos = torch.where(cols < counts[:, None], pos, lm.max_len)  # padding: the scratch position
+        pos, write_pos = lm.row_positions(starts, counts, cols)  # [R, T]; padding writes the scratch position
+        # a padding row (count 0, start 0) sees keys 0..t of a slot whose numbers are finite, so its
+        # dropped output stays finite
+        mask = lm.causal_mask(pos, keys)[:, None]  # [R, 1, T, K]
         pos = pos.clamp(max=lm.max_len - 1)
-        # causal (and windowed) over the cached keys; a padding row (count 0, start 0) sees keys
-        # 0..t of a slot whose numbers are finite, so its dropped output stays finite
-        mask = keys <= pos[:, :, None]  # [R, T, K]
-        if lm.window:
-            mask &= keys > pos[:, :, None] - lm.window
-        mask = mask[:, None]  # [R, 1, T, K]
         # decode and verify read slots 0..R-1 as a view; a draft segment and a fill gather their rows' slots
         g = Group(0, R, T, slots, mask, keys.shape[0], None if self.gather else 0)
         b = Batch(slots[:, None].expand(R, T), pos, write_pos, [g], [])

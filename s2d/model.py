@@ -339,32 +339,38 @@ class CausalLM(nn.Module):
         tok_slots, pos, write_pos = (torch.cat([p[i].reshape(-1) for p in parts])[None] for i in range(3))
         return Batch(tok_slots, pos.clamp(max=self.max_len - 1), write_pos, out, counts)
 
-    def causal_mask(self, pos: torch.Tensor, n_keys: int) -> torch.Tensor:
-        """[B, T, n_keys]: which cached keys each position attends to (causal, sliding window)."""
-        keys = torch.arange(n_keys, device=pos.device)
-        mask = keys[None, None, :] <= pos[:, :, None]
+    def causal_mask(self, pos: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """[B, T, K]: which cached keys (positions `keys`, [K]) each position attends to (causal,
+        sliding window). Pure tensor code: the static steps build it inside their graph."""
+        mask = keys <= pos[:, :, None]
         if self.window:
-            mask &= keys[None, None, :] > pos[:, :, None] - self.window
+            mask &= keys > pos[:, :, None] - self.window
         return mask
 
     def check_fits(self, end: int):
         if end > self.max_len:
             raise ValueError(f"sequence needs {end} positions, past the KV cache's {self.max_len}")
 
+    def row_positions(self, starts: torch.Tensor, counts: torch.Tensor, cols: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, T] each row's positions from its start (starts, counts [B], cols = 0..T-1), and the
+        cache rows its tokens write: past a row's counts[b] tokens (padding), the scratch row at
+        max_len. Pure tensor code, as causal_mask."""
+        pos = starts[:, None] + cols
+        return pos, torch.where(cols < counts[:, None], pos, self.max_len)
+
     def positions(self, starts: list[int], counts: list[int], T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, T] each row's positions from its start, and the cache rows its tokens write: past a
-        row's counts[b] tokens (padding), the scratch row at max_len."""
+        """row_positions from lists, after checking that the rows fit the cache."""
         self.check_fits(max(s + c for s, c in zip(starts, counts)))
-        pos = torch.tensor(starts, device=device)[:, None] + torch.arange(T, device=device)
-        real = torch.arange(T, device=device)[None, :] < torch.tensor(counts, device=device)[:, None]
-        return pos, torch.where(real, pos, torch.full_like(pos, self.max_len))
+        return self.row_positions(torch.tensor(starts, device=device), torch.tensor(counts, device=device),
+                                  torch.arange(T, device=device))
 
     def _group(self, start: int, slots: list[int], starts: list[int], counts: list[int]):
         dev = self.first_device
         pos, write_pos = self.positions(starts, counts, max(counts), dev)
         end = max(s + c for s, c in zip(starts, counts))
         n_keys = min(-(-end // KEY_BUCKET) * KEY_BUCKET, self.max_len + 1)
-        mask = self.causal_mask(pos, n_keys)
+        mask = self.causal_mask(pos, torch.arange(n_keys, device=dev))
         contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
         g = Group(start, len(slots), pos.shape[1], torch.tensor(slots, device=dev), mask[:, None], n_keys,
                   slots[0] if contiguous else None)

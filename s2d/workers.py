@@ -320,11 +320,11 @@ class Verifier(Worker):
         filled = bool(fill)
         self.prefill_forwards += filled
         n_tokens = padded([f[2] for f in fill])  # and the decode groups' below: what the forwards compute
-        if fill and lm.static_fill and lm.static_fill.eligible([f[0] for f in fill], [len(f[2]) for f in fill]):
-            # prompt chunks through the compiled fill step, ahead of the decode rows
+        if fill and lm.static_fill:  # prompt chunks through the fill step, ahead of the decode rows
             sl, st, toks = (list(col) for col in zip(*fill))
-            lm.static_fill.run(sl, st, [len(t) for t in toks], pad_tokens(toks, lm.first_device))
-            fill = []
+            if lm.static_fill.eligible(sl, lens := [len(t) for t in toks]):
+                lm.static_fill.run(sl, st, lens, pad_tokens(toks, lm.first_device))
+                fill = []
         dec = split_by_keys(list(range(len(items))), [st + len(r) for st, r in zip(starts, rows)]) if items else []
         dec = [sorted(g, key=lambda i: slots[n + i]) for g in dec]  # slot order: adjacent slots read the cache as a view
         groups = ([[list(col) for col in zip(*fill)]] if fill else []) + \

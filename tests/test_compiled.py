@@ -1,5 +1,6 @@
-"""The compiled static-shape step (s2d/graphs.py on CPU: an AOTInductor package built or loaded at startup) says what the
-eager forward says, token for token in fp32, and compiles nothing once it serves."""
+"""The compiled static-shape steps (s2d/graphs.py on CPU: AOTInductor packages built or loaded at
+startup) say what the eager forward says, token for token in fp32, and compile nothing once they
+serve."""
 from __future__ import annotations
 
 import pytest
