@@ -56,16 +56,21 @@ class StepCosts:
     bucket. `fixed` pins costs (tests, what-if analysis)."""
 
     WINDOW = 15
+    COLD = 2  # a cell's first measurements, left out: a shape's first calls pay one-time costs (buffers, caches)
 
     def __init__(self, fixed: dict[tuple[str, int, int], float] | None = None):
         self.cells: dict[tuple[str, int, int], float] = dict(fixed or {})
         self.recent: dict[tuple[str, int, int], deque] = defaultdict(lambda: deque(maxlen=self.WINDOW))
+        self.seen: dict[tuple[str, int, int], int] = defaultdict(int)
         self.frozen = fixed is not None
 
     def observe(self, model: str, rows: int, width: int, seconds: float):
         if self.frozen or rows <= 0:
             return
         key = (model, bucket(rows), width)
+        self.seen[key] += 1
+        if self.seen[key] <= self.COLD:
+            return
         window = self.recent[key]
         window.append(seconds)
         self.cells[key] = statistics.median(window)

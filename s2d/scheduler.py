@@ -38,6 +38,7 @@ class Scheduler:
         self.to_release: list[str] = []
         self.finished_stats = SpecStats()
         self.breakdown = Breakdown()
+        self.t_end: float | None = None  # when the last tick returned, while sequences were running
         exits = next(iter(frontends.values())).exits if frontends else []
         self.policy = DraftPolicy({t: f.profile for t, f in frontends.items()}, exits, scheduling.draft_policy,
                                   scheduling.online_thresholds)
@@ -117,6 +118,10 @@ class Scheduler:
         """Run one tick (with pipelining: finish the oldest in-flight tick, after starting the
         other cohort's) and return what it added to each sequence."""
         t0 = time.perf_counter()
+        # the caller's time between ticks (streaming the deltas, its own loop) is paid once a round
+        # too: a round's cost, which the policy weighs, runs from one tick's start to the next's
+        between = t0 - self.t_end if self.t_end is not None else 0.0
+        self.t_end = None
         self._admit()
         # Cohorts alternate only while some sequence drafts: without draft work there is nothing
         # to overlap, and splitting would only halve the targets' batches.
@@ -138,9 +143,11 @@ class Scheduler:
         verified = self.executor.result(handle)
         deltas = self._accept(seqs, verified)
         if verified:
-            wall = time.perf_counter() - t0
+            wall = time.perf_counter() - t0 + between
             self.breakdown.add(wall, verified[0].draft_forward_s, sum(v.forward_s for v in verified))
             self._policy(self.policy.observe, verified, wall, sum(s.drafting_k > 0 for s in seqs))
+        if self.running:  # a next tick follows at once; idle time before a new request is no one's cost
+            self.t_end = time.perf_counter()
         return deltas
 
     def _plan(self, candidates: list[Sequence]) -> tuple[list[Sequence], list]:

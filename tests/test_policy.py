@@ -119,9 +119,19 @@ def test_the_drafts_catch_up_is_not_a_cost_of_drafting():
                 Forward("draft:0", 1, 1, 0.3 * MS)]
     tick = Verified("t", [], draft_busy_s=51 * MS, busy_s=4 * MS, forwards=[Forward("verify", 1, 2, 4 * MS)],
                     draft_forwards=forwards)
-    p.observe([tick], wall_s=56 * MS, draft_rows=1)
+    for _ in range(StepCosts.COLD + 1):  # a cell's first measurements are left out
+        p.observe([tick], wall_s=56 * MS, draft_rows=1)
     assert p.costs.predict("draft_call", 1) == pytest.approx(0.6 * MS)
     assert p.costs.predict("draft_prefill", 1) == pytest.approx(0.5 * MS)
+
+
+def test_a_shapes_first_calls_do_not_set_its_cost():
+    """The first calls at a shape pay one-time costs (buffers, cold caches); a cell whose first
+    samples stuck would keep a width the policy then never tries again looking dear."""
+    c = StepCosts()
+    for seconds in [9 * MS] * StepCosts.COLD + [1 * MS, 1.2 * MS, 1.1 * MS]:
+        c.observe("verify:t", 1, 2, seconds)
+    assert c.predict("verify:t", 1, 2) == pytest.approx(1.1 * MS)
 
 
 def test_with_nothing_measured_a_request_drafts_as_its_profile_says():
@@ -212,6 +222,7 @@ def test_costs_measured_as_zero_do_not_break_the_policy():
     """Pipelined ticks overlap, so the engine's own time of a tick can measure 0: every prediction
     from such cells stays finite, and the choice stays defined."""
     c = StepCosts()
+    c.COLD = 0  # each sample counts
     for w in (1, 2):
         c.observe("engine", 1, w, 0.0)
     c.observe("engine", 4, 1, 1 * MS)  # one width at 4 rows: its slope is borrowed from the 1-row cells
