@@ -21,10 +21,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from s2d.bench import heldout_code
-from s2d.config import SamplingParams, load_config, only_targets
-from s2d.engine import Engine, Request
-from s2d.metrics import Breakdown
+from s2d.tools.bench import heldout_code
+from s2d.core.config import SamplingParams, load_config, only_targets
+from s2d.core.engine import Engine, Request
+from s2d.core.stats import Breakdown
 
 
 def run_batch(engine: Engine, target: str, prompts: list[str], mode: str, temp: float, max_tokens: int,

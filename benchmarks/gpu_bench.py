@@ -3,7 +3,7 @@
     python benchmarks/gpu_bench.py [--hbm-tb-s 4.8] [--out docs/bench/gpu] [--skip-demo]
 
 1. A 7B-shape bf16 Llama (Llama-2-7B's shape, random weights) on one GPU: the decode step (1 row,
-   1 token) and a verify of 8 tokens, eager and through the static-shape forward (s2d/graphs.py,
+   1 token) and a verify of 8 tokens, eager and through the static-shape forward (s2d/worker/graphs.py,
    CUDA graphs), at a 512-token context. Tokens/s, and the step against the HBM floor (the weights
    and the KV cache read once at --hbm-tb-s; 4.8 TB/s is the H200's HBM3e).
 2. The bundled demo family on the GPU: s2d against ar with CUDA graphs, in the same run, on
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from s2d.bench import median_ms
+from s2d.tools.bench import median_ms
 SHAPE_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                 num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5)
 
@@ -28,11 +28,12 @@ SHAPE_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
 def seven_b(hbm_tb_s: float, context: int = 512) -> list[dict]:
     from transformers import LlamaConfig
 
-    from s2d.model import CausalLM
+    from s2d.worker.graphs import attach
+    from s2d.worker.model import CausalLM
 
     cfg = LlamaConfig(**SHAPE_7B)
     with torch.device("meta"):
-        lm = CausalLM(cfg, n_slots=1, max_len=2048, dtype=torch.bfloat16, devices=("cuda",), static_forward="on")
+        lm = attach(CausalLM(cfg, n_slots=1, max_len=2048, dtype=torch.bfloat16, devices=("cuda",), static_forward="on"))
     state = {k: torch.randn(v.shape, dtype=torch.bfloat16, device="cuda") * 0.02 for k, v in lm.state_dict().items()}
     lm.load_weights(state)
     del state
@@ -54,9 +55,9 @@ def seven_b(hbm_tb_s: float, context: int = 512) -> list[dict]:
 
 
 def demo(out: Path) -> list[dict]:
-    from s2d.bench import find_spec_bench, fits_context, heldout_code, overall, run_bench, spec_bench_prompts
-    from s2d.config import load_config
-    from s2d.engine import Engine
+    from s2d.tools.bench import find_spec_bench, fits_context, heldout_code, overall, run_bench, spec_bench_prompts
+    from s2d.core.config import load_config
+    from s2d.core.engine import Engine
 
     cfg = load_config("demo").on_device("cuda")
     engine = Engine.from_config(cfg)

@@ -1,4 +1,4 @@
-"""Served under closed-loop load over gRPC (s2d/load.py), in one run:
+"""Served under closed-loop load over gRPC (s2d/tools/loadgen.py), in one run:
 
 a. plateau and tails: a few hundred mixed jobs (demo-s/-m/-l, modes s2d/ar/fixed:1, half unary half
    streaming, greedy, 32 new tokens, held-out code prompts) at concurrency = the KV-slot count and at
@@ -26,9 +26,9 @@ from pathlib import Path
 import yaml
 
 from deployments.local import serve_locally, set_local_env, shutdown
-from s2d.bench import code_prompts, heldout_code, heldout_files
-from s2d.config import load_config
-from s2d.load import Job, reference_outputs, run_load, summarize
+from s2d.tools.bench import code_prompts, heldout_code, heldout_files
+from s2d.core.config import load_config
+from s2d.tools.loadgen import Job, reference_outputs, run_load, summarize
 
 TARGETS, MODES = ["demo-s", "demo-m", "demo-l"], ["s2d", "ar", "fixed:1"]
 
@@ -42,7 +42,7 @@ def mixed_jobs(prompts: list[str], n: int, max_tokens: int) -> list[Job]:
 def long_prompts(files: list[Path], tokenizer, n: int, lines: int = 170, max_tokens: int = 700,
                  seed: int = 0) -> list[str]:
     """`lines`-line windows of held-out code, cut from the end to at most `max_tokens` prompt tokens."""
-    from s2d.sequence import encode_prompt
+    from s2d.core.sequence import encode_prompt
 
     rng, out = random.Random(seed), []
     texts = [t.splitlines(keepends=True) for t in (f.read_text(errors="ignore") for f in files)]
@@ -102,7 +102,7 @@ def main():
     jobs = mixed_jobs(prompts, n_jobs, a.max_tokens)
     shorts = [Job("demo-l", p, "s2d", a.max_tokens) for p in code_prompts(files or [Path(__file__)], 32, chars=160)]
 
-    from s2d.engine import Engine
+    from s2d.core.engine import Engine
 
     engine = Engine.from_config(cfg)
     longs = [Job("demo-l", p, "s2d", a.max_tokens)

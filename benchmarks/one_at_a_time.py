@@ -14,11 +14,11 @@ import sys
 import time
 from pathlib import Path
 
-import s2d.graphs
-from s2d.bench import heldout_code
-from s2d.config import SamplingParams, load_config, only_targets
-from s2d.engine import Engine, Request
-from s2d.metrics import Breakdown
+import s2d.worker.graphs
+from s2d.tools.bench import heldout_code
+from s2d.core.config import SamplingParams, load_config, only_targets
+from s2d.core.engine import Engine, Request
+from s2d.core.stats import Breakdown
 
 RUNS = {"ar": ("ar", "goodput"), "s2d goodput": ("s2d", "goodput"), "s2d static": ("s2d", "static")}  # (mode, draft policy)
 
@@ -29,7 +29,7 @@ def main(dtype: str, static_forward: str, target: str):
     cfg = only_targets(cfg, [target])
     t0 = time.time()
     eng = Engine.from_config(cfg)
-    print(f"startup {time.time() - t0:.1f} s, {s2d.graphs.compilations} packages compiled, {s2d.graphs.loaded} loaded", flush=True)
+    print(f"startup {time.time() - t0:.1f} s, {s2d.worker.graphs.compilations} packages compiled, {s2d.worker.graphs.loaded} loaded", flush=True)
     prompts = heldout_code(Path(cfg.base_dir), 6)
 
     def run(name):
@@ -49,7 +49,7 @@ def main(dtype: str, static_forward: str, target: str):
 
     for name in RUNS:  # warm-up
         run(name)
-    before, best, outs = s2d.graphs.compilations, {}, {}
+    before, best, outs = s2d.worker.graphs.compilations, {}, {}
     for _ in range(2):
         for name in RUNS:
             tps, outs[name], mat, bd = run(name)
@@ -63,7 +63,7 @@ def main(dtype: str, static_forward: str, target: str):
         print(f"| {name} | {tps:.1f} | {tps / best['ar'][0]:.2f}x | {mat:.2f} | {bd['ms_per_tick']:.2f} | {bd['draft_ms']:.2f} | "
               f"{bd['verify_ms']:.2f} | {bd['engine_ms']:.2f} | {bd['engine_share']:.0%} |")
     same = {name: sum(a == b for a, b in zip(outs["ar"], outs[name])) for name in RUNS if name != "ar"}
-    print(f"\nidentical to ar: {same} of {len(prompts)}; compiled while generating: {s2d.graphs.compilations - before}")
+    print(f"\nidentical to ar: {same} of {len(prompts)}; compiled while generating: {s2d.worker.graphs.compilations - before}")
 
 
 if __name__ == "__main__":

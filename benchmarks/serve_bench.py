@@ -19,10 +19,10 @@ from pathlib import Path
 import yaml
 
 from deployments.local import deploy, free_port, serve_locally, shutdown
-from s2d.bench import code_prompts, heldout_code
-from s2d.client import S2DClient
-from s2d.config import SamplingParams, load_config
-from s2d.engine import Engine, Request
+from s2d.tools.bench import code_prompts, heldout_code
+from s2d.api.client import S2DClient
+from s2d.core.config import SamplingParams, load_config
+from s2d.core.engine import Engine, Request
 
 WORKLOADS = {"demo-l": ["demo-l"], "mixed": ["demo-s", "demo-m", "demo-l"]}
 

@@ -12,12 +12,12 @@ import argparse
 
 import torch
 
-import s2d.graphs
+import s2d.worker.graphs
 
-from s2d.bench import median_ms
-from s2d.config import load_config
-from s2d.engine import load_draft, load_target
-from s2d.model import pad_tokens
+from s2d.tools.bench import median_ms
+from s2d.core.config import load_config
+from s2d.core.engine import load_draft, load_target
+from s2d.worker.model import pad_tokens
 
 WIDTHS = (1, 2, 3, 4, 5, 6, 8, 12, 16)
 
@@ -70,7 +70,7 @@ def main():
     print("\n| draft: one token to exit | ms |\n|---|---|")
     for i, e in enumerate(draft.exits):
         print(f"| {e} ({i + 1} segments and exit heads) | {median_ms(lambda: to_exit(i + 1), a.reps):.2f} |")
-    print(f"\npackages compiled in all: {s2d.graphs.compilations}, loaded: {s2d.graphs.loaded}")
+    print(f"\npackages compiled in all: {s2d.worker.graphs.compilations}, loaded: {s2d.worker.graphs.loaded}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Online exit thresholds from bad starting profiles (s2d/policy.py): one target, a stream of
+"""Online exit thresholds from bad starting profiles (s2d/core/policy.py): one target, a stream of
 held-out code prompts one at a time, greedy; every few requests the live thresholds, the policy's
 k, MAT, the exit mix and the goodput. Starts: the paper's rule, always the deepest exit, always
 the first exit, and the offline-tuned profile of the config.
@@ -17,11 +17,11 @@ import argparse
 import time
 from pathlib import Path
 
-from s2d.bench import heldout_code
-from s2d.config import Profile, SamplingParams, load_config
-from s2d.engine import Engine, Request
-from s2d.metrics import SpecStats
-from s2d.policy import modelled_tokens_per_s, pinned_costs
+from s2d.tools.bench import heldout_code
+from s2d.core.config import Profile, SamplingParams, load_config
+from s2d.core.engine import Engine, Request
+from s2d.core.stats import SpecStats
+from s2d.core.policy import modelled_tokens_per_s, pinned_costs
 
 
 def main():

@@ -7,10 +7,10 @@ import os
 import ray
 import torch
 
-from s2d.config import EngineConfig, ModelSpec
-from s2d.engine import load_draft, load_target
-from s2d.executor import Drafted, Tick, Verified, propose_tick, verify_tick
-from s2d.workers import Proposer, Verifier
+from s2d.core.config import EngineConfig, ModelSpec
+from s2d.core.engine import load_draft, load_target
+from s2d.core.executor import Drafted, Tick, Verified, propose_tick, verify_tick
+from s2d.worker.workers import Proposer, Verifier
 
 
 def torch_threads(spec: ModelSpec, share: int) -> int:

@@ -4,9 +4,9 @@ draft and its targets) behind the thin gRPC ingress."""
 from __future__ import annotations
 
 from deployments.cell import Cell
-from deployments.executor import cell_bundles
+from deployments.ray_executor import cell_bundles
 from deployments.router import S2DRouter
-from s2d.config import CellSpec, EngineConfig, load_config
+from s2d.core.config import CellSpec, EngineConfig, load_config
 
 
 def _options(cfg: EngineConfig, cell: CellSpec) -> dict:

@@ -1,6 +1,6 @@
 """A serving cell: one Ray Serve replica that reserves a placement group (its own bundle, the
 draft's, one per target), starts the draft and target actors in it, and runs the one scheduler
-(s2d/scheduler.py) over them through the Ray executor (or, with `transport: in_process`, over the
+(s2d/core/scheduler.py) over them through the Ray executor (or, with `transport: in_process`, over the
 models loaded in its own process). Requests arrive as one streaming call each
 from the ingress; the scheduler batches them across all of the cell's targets. The load gauges
 (deployments/metrics.py) are set from the scheduler's thread."""
@@ -11,13 +11,13 @@ from collections.abc import AsyncIterator
 
 from ray import serve
 
-from deployments.executor import RayExecutor
+from deployments.ray_executor import RayExecutor
 from deployments.metrics import LoadMetrics
-from s2d.config import EngineConfig
-from s2d.engine import load_in_process, scheduler_for
-from s2d.loop import EngineLoop
-from s2d.request import Request
-from s2d.sequence import Delta
+from s2d.core.config import EngineConfig
+from s2d.core.engine import load_in_process, scheduler_for
+from s2d.core.loop import EngineLoop
+from s2d.core.request import Request
+from s2d.core.sequence import Delta
 
 
 @serve.deployment

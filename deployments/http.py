@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP API on the ingress replica (FastAPI through `serve.ingress`, behind
 Ray Serve's HTTP proxy): /v1/models, /v1/completions, /v1/chat/completions (SSE with
-`stream: true`), and /healthz. The protocol is s2d/openai_api.py; the routing, retries and metrics
+`stream: true`), and /healthz. The protocol is s2d/api/openai_api.py; the routing, retries and metrics
 are the router's (deployments/router.py), shared with gRPC.
 
 An error before the first token is answered with its status; once a stream has started, an error
@@ -13,8 +13,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from s2d import openai_api as oa
-from s2d.request import UnknownTarget, internal_message
+from s2d.api import openai_api as oa
+from s2d.core.request import UnknownTarget, internal_message
 
 log = logging.getLogger("ray.serve")
 

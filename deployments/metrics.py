@@ -5,7 +5,7 @@ deployment and replica).
 The ingress records a request's figures when its last delta passes, from the very stats and
 timing that answer the client, so a counter's increase equals the sum of what the responses
 returned; the spec-decode counters are named after vLLM's. Each cell replica sets its gauges from
-the scheduler's load about once a second (s2d/loop.py)."""
+the scheduler's load about once a second (s2d/core/loop.py)."""
 from __future__ import annotations
 
 import functools

@@ -20,11 +20,11 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.http import OpenAIRoutes, app
 from deployments.metrics import RequestMetrics
-from s2d.config import EngineConfig
-from s2d.draft import read_exits
+from s2d.core.config import EngineConfig
+from s2d.worker.draft import read_exits
 from s2d.proto import s2d_pb2 as pb
 from s2d.proto.servicer import Undecodable
-from s2d.request import (DeadlineExceeded, DuplicateRequest, Overloaded, Request, RequestError, RequestFailed,
+from s2d.core.request import (DeadlineExceeded, DuplicateRequest, Overloaded, Request, RequestError, RequestFailed,
                          Unavailable, UnknownTarget, cause_of, internal_message, parse_request)
 
 log = logging.getLogger("ray.serve")
@@ -34,7 +34,7 @@ READY_TIMEOUT_S = 2.0  # a health check's wait for each cell
 
 
 def to_request(r: pb.GenerateRequest | Undecodable, cfg: EngineConfig) -> Request:
-    """The message as a checked Request (s2d/request.py: the one validation path)."""
+    """The message as a checked Request (s2d/core/request.py: the one validation path)."""
     if isinstance(r, Undecodable):
         raise RequestError(r.field, r.message)
     if r.ByteSize() > cfg.limits.max_request_bytes:

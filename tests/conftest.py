@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from deployments.local import set_local_env
-from s2d.config import EngineConfig
-from s2d.draft import make_draft
-from s2d.tiny import llama_config, save_random_model, train_tokenizer
+from s2d.core.config import EngineConfig
+from s2d.worker.draft import make_draft
+from s2d.train.tiny import llama_config, save_random_model, train_tokenizer
 
 set_local_env()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -56,7 +56,7 @@ def make_config(family, draft="draft", targets=("small", "large"), **target_kw) 
 def served(config_path, timeout: float = 120):
     """Serve a config on a local Ray cluster; yields a gRPC client of it, then shuts Ray down."""
     from deployments.local import serve_locally, shutdown
-    from s2d.client import S2DClient
+    from s2d.api.client import S2DClient
 
     client = S2DClient(serve_locally(str(config_path), num_cpus=2), timeout=timeout)
     yield client
@@ -66,7 +66,7 @@ def served(config_path, timeout: float = 120):
 
 @pytest.fixture(scope="session")
 def smollm2(tmp_path_factory) -> Path:
-    from s2d.convert import convert_gguf
+    from s2d.train.convert import convert_gguf
 
     return convert_gguf(None, tmp_path_factory.mktemp("smollm2") / "smollm2")
 

@@ -6,7 +6,7 @@ import jsonschema
 import pytest
 import yaml
 
-from s2d.config import EngineConfig
+from s2d.core.config import EngineConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CRD = ROOT.parent / "shared" / "data" / "kuberay" / "ray.io_rayservices.yaml"
@@ -23,7 +23,7 @@ def test_rayservice_validates_against_the_kuberay_crd():
 
 
 def test_gpu_engine_config_places_the_family_in_two_cells():
-    from deployments.executor import cell_bundles
+    from deployments.ray_executor import cell_bundles
 
     cfg = EngineConfig.model_validate(yaml.safe_load((ROOT / "cluster" / "engine.gpu.yaml").read_text()))
     big = cfg.target("llama-2-70b-chat")

@@ -1,24 +1,24 @@
-"""The compiled static-shape steps (s2d/graphs.py on CPU: AOTInductor packages built or loaded at
+"""The compiled static-shape steps (s2d/worker/graphs.py on CPU: AOTInductor packages built or loaded at
 startup) say what the eager forward says, token for token in fp32, and compile nothing once they
 serve."""
 from __future__ import annotations
 
 import pytest
 
-import s2d.graphs
-from s2d.config import SamplingParams
-from s2d.engine import Engine, Request
+import s2d.worker.graphs
+from s2d.core.config import SamplingParams
+from s2d.core.engine import Engine, Request
 
 from conftest import PROMPTS, make_config
 
 
 @pytest.fixture(scope="module")
 def compiled_engine(family):
-    before = s2d.graphs.compilations + s2d.graphs.loaded
+    before = s2d.worker.graphs.compilations + s2d.worker.graphs.loaded
     eng = Engine.from_config(make_config(family, static_forward="on"))
     # one package per draft segment and two per target (decode and verify; prompt chunks), compiled
     # now or loaded from the disk cache
-    assert s2d.graphs.compilations + s2d.graphs.loaded - before == 2 * len(eng.verifiers) + len(eng.exits)
+    assert s2d.worker.graphs.compilations + s2d.worker.graphs.loaded - before == 2 * len(eng.verifiers) + len(eng.exits)
     return eng
 
 
@@ -34,9 +34,9 @@ def ragged(mode: str) -> list[Request]:
 def test_compiled_equals_eager_token_for_token(family, compiled_engine, mode):
     eager = Engine.from_config(make_config(family, static_forward="off"))
     reqs = ragged(mode)
-    before = s2d.graphs.compilations + s2d.graphs.loaded
+    before = s2d.worker.graphs.compilations + s2d.worker.graphs.loaded
     got = compiled_engine.generate(reqs)
-    assert s2d.graphs.compilations + s2d.graphs.loaded == before  # shapes never seen at startup reuse its graphs
+    assert s2d.worker.graphs.compilations + s2d.worker.graphs.loaded == before  # shapes never seen at startup reuse its graphs
     want = eager.generate(ragged(mode))
     for r, g, w in zip(reqs, got, want):
         assert g["token_ids"] == w["token_ids"], (mode, r.target, r.prompt)

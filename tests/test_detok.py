@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from s2d.config import load_config
-from s2d.detok import Detokenizer
+from s2d.core.config import load_config
+from s2d.core.detok import Detokenizer
 
 DEMO = load_config("demo")
 

@@ -11,9 +11,9 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from s2d.config import EngineConfig, Limits, SamplingParams, load_config
-from s2d.engine import Engine, Request, greedy
-from s2d.request import RequestError, UnknownTarget
+from s2d.core.config import EngineConfig, Limits, SamplingParams, load_config
+from s2d.core.engine import Engine, Request, greedy
+from s2d.core.request import RequestError, UnknownTarget
 
 from conftest import PROMPTS, make_config
 
@@ -45,7 +45,7 @@ def test_bad_sampling_params_name_the_field(kw, field):
     ({"temperature": 1e309}, "temperature"), ({"top_p": 5e-324}, None),  # a float64 denormal top_p is valid
 ])
 def test_wire_data_is_checked_field_by_field(data, field):
-    from s2d.request import parse_request
+    from s2d.core.request import parse_request
 
     data = {"target": "small", "prompt": "x", **data}
     if field is None:
@@ -89,9 +89,9 @@ def test_a_failure_inside_one_sequence_ends_it_alone(family, monkeypatch):
     """Fault injection in the sampling step (NaN probabilities for marked requests): drafting fails
     for the s2d ones, the target's rejection step for the ar ones. Each fails alone with finish
     reason "error" and a message; its batch-mates of both targets give exactly their outputs."""
-    import s2d.workers
+    import s2d.worker.workers
 
-    real = s2d.workers.probs_from_logits
+    real = s2d.worker.workers.probs_from_logits
 
     def poisoned(logits, params):
         p = real(logits, params)
@@ -103,7 +103,7 @@ def test_a_failure_inside_one_sequence_ends_it_alone(family, monkeypatch):
     good = [Request(target=t, prompt=p, params=greedy(16, ignore_eos=True), mode=m)
             for t, p, m in zip(["small", "large"] * 3, PROMPTS, ["s2d", "ar", "fixed:2"] * 2)]
     want = [r["token_ids"] for r in engine.generate(good)]
-    monkeypatch.setattr(s2d.workers, "probs_from_logits", poisoned)
+    monkeypatch.setattr(s2d.worker.workers, "probs_from_logits", poisoned)
     bad = [Request(target=t, prompt="x = 1", mode=m, params=SamplingParams(temperature=MARKED, max_tokens=16))
            for t, m in [("small", "s2d"), ("large", "ar")]]
     results = engine.generate([good[0], bad[0], *good[1:4], bad[1], *good[4:]])
@@ -119,8 +119,8 @@ def test_a_failure_inside_one_sequence_ends_it_alone(family, monkeypatch):
 def test_a_failed_sequences_cache_slot_is_cleared_before_reuse(family):
     """A forward gone bad leaves NaN in a slot; masked positions still enter attention (0 * NaN),
     so without clearing, the next sequence in that slot would fail or decode garbage."""
-    from s2d.engine import load_target
-    from s2d.workers import Verifier, VerifyItem
+    from s2d.core.engine import load_target
+    from s2d.worker.workers import Verifier, VerifyItem
 
     cfg = make_config(family, targets=("small",))
     v, fresh = Verifier(load_target(cfg, "small")), Verifier(load_target(cfg, "small"))
@@ -189,7 +189,7 @@ def test_config_errors_name_the_field(tmp_path, family):
 
 @pytest.mark.parametrize("draft", ["draft", "full-draft"])  # exits [1, 2, 3] and [2, 4]: defaults fit any draft
 def test_cli_generate_json_s2d_equals_ar(family, draft):
-    args = [sys.executable, "-m", "s2d.cli", "generate", "--target-path", str(family["large"]), "--draft-path",
+    args = [sys.executable, "-m", "s2d.tools.cli", "generate", "--target-path", str(family["large"]), "--draft-path",
             str(family[draft]), "--prompt", "def encode(o):", "--max-tokens", "20", "--json", "--dtype", "float32"]
     runs = {m: json.loads(subprocess.run(args + ["--mode", m], capture_output=True, text=True, check=True)
                           .stdout.strip().splitlines()[-1]) for m in ("s2d", "ar")}
@@ -199,7 +199,7 @@ def test_cli_generate_json_s2d_equals_ar(family, draft):
 
 
 def test_tune_finds_a_profile_for_the_draft_and_writes_it(engine, family, tmp_path):
-    from s2d.tune import tune, write_profile
+    from s2d.tools.tune import tune, write_profile
 
     before = engine.frontends["large"].profile
     try:
@@ -248,8 +248,8 @@ def test_slots_stay_compact_as_sequences_end_and_outputs_stay_exact(engine):
 def test_a_failed_sequence_moved_by_compaction_leaves_no_bad_numbers_behind(family):
     """Compaction may move a failed sequence down into a freed slot before it is released itself:
     the slot it leaves is cleared too, so whoever gets it next decodes exactly."""
-    from s2d.engine import load_target
-    from s2d.workers import Verifier, VerifyItem
+    from s2d.core.engine import load_target
+    from s2d.worker.workers import Verifier, VerifyItem
 
     cfg = make_config(family, targets=("small",))
     v, fresh = Verifier(load_target(cfg, "small")), Verifier(load_target(cfg, "small"))

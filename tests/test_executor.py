@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import ray
 
-from deployments.executor import RayExecutor
-from s2d.config import SamplingParams
-from s2d.engine import Engine, Request, greedy, scheduler_for
-from s2d.scheduler import Scheduler
+from deployments.ray_executor import RayExecutor
+from s2d.core.config import SamplingParams
+from s2d.core.engine import Engine, Request, greedy, scheduler_for
+from s2d.core.scheduler import Scheduler
 
 from conftest import PROMPTS, make_config
 

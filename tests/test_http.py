@@ -21,8 +21,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from deployments.local import free_port, serve_locally, shutdown
-from s2d.client import S2DClient
-from s2d.engine import Engine, Request, greedy
+from s2d.api.client import S2DClient
+from s2d.core.engine import Engine, Request, greedy
 
 from conftest import PROMPTS, make_config
 

@@ -8,17 +8,17 @@ import torch
 from scipy.stats import chisquare
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import s2d.rejection
-from s2d.bench import heldout_code
-from s2d.config import SamplingParams, load_config
-from s2d.draft import SortedDraft
-from s2d.engine import Engine, Request, greedy
-from s2d.model import CausalLM
-from s2d.rejection import verify_sampled
-from s2d.sampling import generator
-from s2d.sequence import encode_prompt
-from s2d.tiny import llama_config, save_random_model
-from s2d.workers import ProposeItem, Proposer, Verifier, VerifyItem
+import s2d.worker.rejection
+from s2d.tools.bench import heldout_code
+from s2d.core.config import SamplingParams, load_config
+from s2d.worker.draft import SortedDraft
+from s2d.core.engine import Engine, Request, greedy
+from s2d.worker.model import CausalLM
+from s2d.worker.rejection import verify_sampled
+from s2d.worker.sampling import generator
+from s2d.core.sequence import encode_prompt
+from s2d.train.tiny import llama_config, save_random_model
+from s2d.worker.workers import ProposeItem, Proposer, Verifier, VerifyItem
 
 from conftest import PROMPTS, make_config
 
@@ -61,7 +61,7 @@ def test_greedy_equals_target_batched_two_targets(engine, hf_greedy, mode):
 
 @pytest.mark.parametrize("mode", ["s2d", "ar"])
 def test_greedy_equals_target_through_the_static_shape_forward(family, hf_greedy, mode):
-    """The targets' bucketed static-shape forward (s2d/graphs.py: what CUDA captures as graphs), run
+    """The targets' bucketed static-shape forward (s2d/worker/graphs.py: what CUDA captures as graphs), run
     eagerly on CPU: padded rows and keys, slots 0..B-1, batches of 1 to 8 as requests come and go."""
     eng = Engine.from_config(make_config(family, static_forward="eager"))
     reqs = requests(mode, prompts=PROMPTS[:24])
@@ -220,7 +220,7 @@ def test_bf16_greedy_s2d_leaves_ar_only_at_near_ties(demo_bf16):
 
 def test_bf16_near_tie_check_catches_a_wrong_rule(demo_bf16, monkeypatch):
     """A wrong rule: accept every draft. s2d then leaves ar early, far from any tie."""
-    monkeypatch.setattr(s2d.rejection, "accept_prefix", lambda drafts, best: drafts + [best[len(drafts)]])
+    monkeypatch.setattr(s2d.worker.rejection, "accept_prefix", lambda drafts, best: drafts + [best[len(drafts)]])
     prompts = bf16_prompts(demo_bf16)
     agreed, divergences = first_divergences(demo_bf16, "demo-s", prompts)
     assert agreed < 0.75 * len(prompts) * BF16_NEW
@@ -236,7 +236,7 @@ def tiny_vocab(tmp_path_factory):
     d = tmp_path_factory.mktemp("v8")
     save_random_model(llama_config(V, 2, 32, max_pos=64), d / "target", 5, init_std=0.5)
     save_random_model(llama_config(V, 2, 32, max_pos=64), d / "draft-src", 6, init_std=0.5)
-    from s2d.draft import make_draft
+    from s2d.worker.draft import make_draft
 
     make_draft(d / "draft-src", 2, [1, 2], d / "draft")
     return d
@@ -269,7 +269,7 @@ def first_two_tokens(tiny_vocab, n, params, thresholds, dtype="float32"):
 
 def target_joint(tiny_vocab, params, dtype="float32"):
     """The target's own joint of (x1, x2), computed by transformers with the weights in dtype."""
-    from s2d.sampling import probs_from_logits
+    from s2d.worker.sampling import probs_from_logits
 
     ref = AutoModelForCausalLM.from_pretrained(str(tiny_vocab / "target"), dtype=getattr(torch, dtype)).eval()
     probs = lambda ids: probs_from_logits(ref(torch.tensor([ids])).logits[0, -1].float(), params)  # noqa: E731
@@ -310,7 +310,7 @@ def test_sampled_output_follows_target_distribution(tiny_vocab, params, dtype):
 def test_distribution_check_catches_a_wrong_rule(tiny_vocab, monkeypatch, dtype):
     """A wrong rule: at a rejection, resample from p instead of norm(max(0, p - q))."""
     params = SamplingParams(temperature=1.0)
-    monkeypatch.setattr(s2d.rejection, "residual", lambda p, q: p)
+    monkeypatch.setattr(s2d.worker.rejection, "residual", lambda p, q: p)
     pairs = first_two_tokens(tiny_vocab, N_SAMPLES, params, [0.6, 0.0], dtype)
     assert chi2_pvalue(pairs, target_joint(tiny_vocab, params, dtype)) < SIGNIFICANCE
 
@@ -337,11 +337,11 @@ def test_batched_rejection_sampler_agrees_with_the_per_sequence_rule():
             qs.append(q if sampled else None)
             ps.append(p if sampled else None)
             seeds.append(1000 * trial + b)
-        got = s2d.rejection.verify_batch(drafts, torch.cat(logits), qs, ps,
+        got = s2d.worker.rejection.verify_batch(drafts, torch.cat(logits), qs, ps,
                                          [None if p is None else generator(x) for p, x in zip(ps, seeds)])
         for d, lg, q, p, x, out in zip(drafts, logits, qs, ps, seeds, got):
             if p is None:
-                assert out == s2d.rejection.verify_greedy(d, lg)
+                assert out == s2d.worker.rejection.verify_greedy(d, lg)
             elif not torch.isfinite(p).all():
                 assert out is None
             else:

@@ -1,12 +1,12 @@
-"""The OpenAI protocol layer alone (s2d/openai_api.py): what a body becomes, its defaults, what is
+"""The OpenAI protocol layer alone (s2d/api/openai_api.py): what a body becomes, its defaults, what is
 refused, and the status of every s2d error. tests/test_http.py serves it for real."""
 from __future__ import annotations
 
 import pytest
 
-from s2d.config import Limits
-from s2d.openai_api import APIError, as_api_error, chunk, parse_call, read_body, usage_chunk
-from s2d.request import (DeadlineExceeded, DuplicateRequest, Overloaded, RequestError, RequestFailed, Unavailable,
+from s2d.core.config import Limits
+from s2d.api.openai_api import APIError, as_api_error, chunk, parse_call, read_body, usage_chunk
+from s2d.core.request import (DeadlineExceeded, DuplicateRequest, Overloaded, RequestError, RequestFailed, Unavailable,
                          UnknownTarget)
 
 LIMITS = Limits(max_new_tokens=300)

@@ -1,4 +1,4 @@
-"""The draft policy (s2d/policy.py): each request drafts by its own acceptance, speculation turns
+"""The draft policy (s2d/core/policy.py): each request drafts by its own acceptance, speculation turns
 off where it cannot pay and shrinks as verification stops being free, a request with nothing
 measured drafts as its profile says, and the exit thresholds converge from bad starting profiles
 toward the offline-tuned one on a live stream of requests. Costs are pinned (pinned_costs,
@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from s2d.bench import heldout_code
-from s2d.config import Profile, SamplingParams, load_config
-from s2d.engine import Engine, Request
-from s2d.executor import Verified
-from s2d.policy import (OFF_BUDGET, Acceptance, DraftPolicy, Row, StepCosts, TargetPolicy, modelled_tokens_per_s,
+from s2d.tools.bench import heldout_code
+from s2d.core.config import Profile, SamplingParams, load_config
+from s2d.core.engine import Engine, Request
+from s2d.core.executor import Verified
+from s2d.core.policy import (OFF_BUDGET, Acceptance, DraftPolicy, Row, StepCosts, TargetPolicy, modelled_tokens_per_s,
                         pinned_costs)
-from s2d.workers import Forward
+from s2d.worker.workers import Forward
 
 MS = 1e-3
 EXITS = [1, 2, 3]

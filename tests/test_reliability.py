@@ -14,9 +14,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from s2d.client import S2DClient
-from s2d.engine import Engine, Request, greedy
-from s2d.load import Job, reference_outputs, run_load, summarize
+from s2d.api.client import S2DClient
+from s2d.core.engine import Engine, Request, greedy
+from s2d.tools.loadgen import Job, reference_outputs, run_load, summarize
 from s2d.proto import s2d_pb2 as pb
 
 from conftest import PROMPTS, make_config, served

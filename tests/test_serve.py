@@ -14,7 +14,7 @@ import ray
 import yaml
 from ray import serve
 
-from s2d.engine import Engine, Request, greedy
+from s2d.core.engine import Engine, Request, greedy
 
 from conftest import PROMPTS, make_config, served
 

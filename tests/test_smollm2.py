@@ -8,7 +8,7 @@ import sys
 
 
 def run_cli(*args):
-    out = subprocess.run([sys.executable, "-m", "s2d.cli", *args], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "s2d.tools.cli", *args], capture_output=True, text=True, check=True)
     return out.stdout
 
 

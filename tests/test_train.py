@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from s2d.bench import find_spec_bench, spec_bench_prompts
-from s2d.demo import corpus_files
-from s2d.draft import SortedDraft, read_exits
-from s2d.train import TrainArgs, encode_document, pack, train
+from s2d.tools.bench import find_spec_bench, spec_bench_prompts
+from s2d.train.demo import corpus_files
+from s2d.worker.draft import SortedDraft, read_exits
+from s2d.train.soft import TrainArgs, encode_document, pack, train
 
 from conftest import STDLIB, stdlib_texts
 
@@ -39,7 +39,7 @@ def test_resume_after_interruption_gives_the_same_weights(family, tmp_path):
 
 def test_train_draft_cli_soft_trains_every_exit(family, tmp_path):
     out = tmp_path / "draft"
-    subprocess.run([sys.executable, "-m", "s2d.cli", "train-draft", "--from", str(family["small"]), "--layers", "3",
+    subprocess.run([sys.executable, "-m", "s2d.tools.cli", "train-draft", "--from", str(family["small"]), "--layers", "3",
                     "--exits", "1,2,3", "--data", str(STDLIB / "json"), "--eval-data", str(STDLIB / "json" / "tool.py"),
                     "--max-steps", "3", "--seq-len", "32", "--batch-size", "2", "--out", str(out)],
                    check=True, capture_output=True)
@@ -80,7 +80,7 @@ def test_build_demo_quick_then_bench_quick(tmp_path):
     for i in range(3):
         (docs / f"page{i}.rst.txt").write_text(prose)
     # the GPU recipe's code path (bf16 autocast, held-out loss at intervals) runs on CPU too
-    subprocess.run([sys.executable, "-m", "s2d.cli", "build-demo", "--quick", "--recipe", "gpu", "--out", str(demo),
+    subprocess.run([sys.executable, "-m", "s2d.tools.cli", "build-demo", "--quick", "--recipe", "gpu", "--out", str(demo),
                     "--docs", str(docs)], check=True, capture_output=True)
     assert {p.name for p in demo.iterdir()} >= {"demo-s", "demo-m", "demo-l", "demo-draft", "demo.yaml"}
     card = (demo / "demo-draft" / "README.md").read_text()
@@ -89,7 +89,7 @@ def test_build_demo_quick_then_bench_quick(tmp_path):
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     assert all((stdlib / name).exists() for name in (demo / "heldout_files.txt").read_text().split())
     out = tmp_path / "bench"
-    subprocess.run([sys.executable, "-m", "s2d.cli", "bench", "--config", str(demo / "demo.yaml"), "--quick",
+    subprocess.run([sys.executable, "-m", "s2d.tools.cli", "bench", "--config", str(demo / "demo.yaml"), "--quick",
                     "--target", "demo-l", "--out", str(out)], check=True, capture_output=True)
     result = json.loads((out / "bench.json").read_text())
     modes = {r["mode"] for r in result["overall"]}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-DEMO_DIR = Path(__file__).parent / "demo"
+DEMO_DIR = Path(__file__).parents[1] / "demo"
 
 # name: (layers, hidden, heads). Each is about twice the previous in parameters and step cost.
 TARGETS = {"demo-s": (4, 128, 4), "demo-m": (8, 224, 4), "demo-l": (12, 256, 4)}
@@ -58,9 +58,9 @@ def build_demo(out: str | Path = DEMO_DIR, corpus: str | Path | None = None, doc
                quick: bool = False, draft_only: bool = False, progress: bool = True, recipe_name: str = "cpu") -> dict:
     from transformers import AutoTokenizer
 
-    from s2d.draft import make_draft
-    from s2d.tiny import llama_config, save_random_model, train_tokenizer
-    from s2d.train import TrainArgs, pack, train
+    from s2d.worker.draft import make_draft
+    from s2d.train.tiny import llama_config, save_random_model, train_tokenizer
+    from s2d.train.soft import TrainArgs, pack, train
 
     recipe = {**RECIPE, **(GPU if recipe_name == "gpu" else {}), **(QUICK if quick else {})}
     out, work = Path(out), Path(out) / ".work"

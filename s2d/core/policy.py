@@ -30,7 +30,7 @@ import statistics
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
-from s2d.model import pow2_at_least
+from s2d.worker.model import pow2_at_least
 
 DECAY = 0.98  # per observation: old traffic fades, so the policy follows a change of load or content
 BINS = 10  # confidence bins per exit

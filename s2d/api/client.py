@@ -1,8 +1,5 @@
-"""A small gRPC client for the s2d server, and the `s2d client` command."""
+"""A small gRPC client for the s2d server (the `s2d client` command is in s2d/tools/cli.py)."""
 from __future__ import annotations
-
-import json
-import sys
 
 import grpc
 
@@ -45,45 +42,3 @@ class S2DClient:
 
     def close(self):
         self.channel.close()
-
-
-def cmd_client(a):
-    c = S2DClient(a.address, a.application)
-    try:
-        if a.list:
-            r = c.list_targets()
-            print(json.dumps({"targets": list(r.targets), "draft_exits": list(r.draft_exits)}))
-            return
-        if not a.target or a.prompt is None:
-            raise SystemExit("give --target NAME and --prompt TEXT (or --list)")
-        kw = dict(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed,
-                  stop=a.stop, mode=a.mode, raw=a.raw)
-        if a.stream:
-            for chunk in c.stream(a.target, a.prompt, **kw):
-                print(chunk.text, end="", flush=True)
-                last = chunk
-            reason, n, mat = last.finish_reason, last.usage.completion_tokens, last.stats.mat
-        else:
-            r = c.generate(a.target, a.prompt, **kw)
-            print(r.text, end="")
-            reason, n, mat = r.finish_reason, r.usage.completion_tokens, r.stats.mat
-        print(f"\n[{reason}] {n} tokens, MAT {mat:.2f}", file=sys.stderr)
-    except grpc.RpcError as e:
-        raise SystemExit(f"{e.code().name}: {e.details()}")
-    finally:
-        c.close()
-
-
-def add_cli(sub):
-    from s2d.cli import _sampling_flags
-
-    p = sub.add_parser("client", help="call a running s2d server over gRPC")
-    p.add_argument("--address", default="127.0.0.1:9000")
-    p.add_argument("--application", default=None, help="Ray Serve app name, when several run")
-    p.add_argument("--target")
-    p.add_argument("--prompt")
-    p.add_argument("--stream", action="store_true")
-    p.add_argument("--raw", action="store_true")
-    p.add_argument("--list", action="store_true", help="list the served targets")
-    _sampling_flags(p)
-    p.set_defaults(fn=cmd_client)

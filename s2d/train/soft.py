@@ -218,7 +218,7 @@ def train(model_dir: str | Path, data: tuple[torch.Tensor, torch.Tensor], args: 
         if tokenizer is not None:
             tokenizer.save_pretrained(str(out))
         else:
-            from s2d.draft import copy_tokenizer
+            from s2d.worker.draft import copy_tokenizer
 
             copy_tokenizer(model_dir, out)
         (out / "train_log.json").write_text(json.dumps({"summary": summary, "log": log}, indent=1))
@@ -271,7 +271,7 @@ def _run(model_dir, a):
 
 
 def cmd_train_draft(a):
-    from s2d.draft import make_draft
+    from s2d.worker.draft import make_draft
 
     src = a.draft
     if src is None:
@@ -286,7 +286,7 @@ def cmd_train_lm(a):
 
 
 def cmd_train_tokenizer(a):
-    from s2d.tiny import train_tokenizer
+    from s2d.train.tiny import train_tokenizer
 
     docs = [d if isinstance(d, str) else " ".join(m["content"] for m in d) for d in read_documents(a.data)]
     train_tokenizer(docs, a.vocab_size, a.out)
@@ -294,7 +294,7 @@ def cmd_train_tokenizer(a):
 
 
 def cmd_init_lm(a):
-    from s2d.tiny import llama_config, save_random_model
+    from s2d.train.tiny import llama_config, save_random_model
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(a.tokenizer)

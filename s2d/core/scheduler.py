@@ -1,9 +1,9 @@
 """The one scheduler: continuous batching over every live sequence of every target, in process
-(s2d/engine.py) and in a Ray serving cell (deployments/cell.py) alike.
+(s2d/core/engine.py) and in a Ray serving cell (deployments/cell.py) alike.
 
 It owns request validation, request ids, admission by free KV slots, overload, abort and release;
 each sequence's state lives here and nowhere else. A tick drafts for all running sequences in one
-propose call and verifies each target's in one forward (s2d/executor.py). With `pipeline` on, the
+propose call and verifies each target's in one forward (s2d/core/executor.py). With `pipeline` on, the
 running sequences form two cohorts whose ticks alternate, so that with an executor that runs the
 draft and the targets side by side the draft proposes for one cohort while the targets verify the
 other."""
@@ -14,12 +14,12 @@ import time
 import uuid
 from collections import deque
 
-from s2d.config import Limits, Scheduling
-from s2d.executor import Executor, Tick, Verified
-from s2d.metrics import Breakdown, SpecStats
-from s2d.policy import DraftPolicy, Row
-from s2d.request import DuplicateRequest, Overloaded, Request, RequestError, UnknownTarget, check_request
-from s2d.sequence import Delta, Sequence
+from s2d.core.config import Limits, Scheduling
+from s2d.core.executor import Executor, Tick, Verified
+from s2d.core.stats import Breakdown, SpecStats
+from s2d.core.policy import DraftPolicy, Row
+from s2d.core.request import DuplicateRequest, Overloaded, Request, RequestError, UnknownTarget, check_request
+from s2d.core.sequence import Delta, Sequence
 
 log = logging.getLogger(__name__)
 

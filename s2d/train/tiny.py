@@ -47,7 +47,7 @@ def save_random_model(cfg, out: str | Path, seed: int = 0, tokenizer_dir: str | 
     model = AutoModelForCausalLM.from_config(cfg)
     model.save_pretrained(str(out))
     if tokenizer_dir:
-        from s2d.draft import copy_tokenizer
+        from s2d.worker.draft import copy_tokenizer
 
         copy_tokenizer(tokenizer_dir, out)
     return model

@@ -3,7 +3,7 @@
 
 Each item carries a sequence's full token list; a worker reuses its cache up to the common prefix
 and prefills the rest. So the caller's token state is the only truth, rollback is implicit, and a
-worker that lost a sequence's cache rebuilds it. s2d/executor.py drives both in ticks, over the
+worker that lost a sequence's cache rebuilds it. s2d/core/executor.py drives both in ticks, over the
 wire or in process."""
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from s2d.cache import SlotTable
-from s2d.config import SamplingParams
-from s2d.draft import SortedDraft
-from s2d.model import KEY_BUCKET, CausalLM, pack_tokens, pad_tokens
-from s2d.rejection import verify_batch
-from s2d.sampling import draw, exponentials, generator, probs_from_logits
+from s2d.worker.cache import SlotTable
+from s2d.core.config import SamplingParams
+from s2d.worker.draft import SortedDraft
+from s2d.worker.model import KEY_BUCKET, CausalLM, pack_tokens, pad_tokens
+from s2d.worker.rejection import verify_batch
+from s2d.worker.sampling import draw, exponentials, generator, probs_from_logits
 
 
 SPLIT_KEYS = 4  # decode rows attend in two groups past this ratio of context lengths (split_by_keys)

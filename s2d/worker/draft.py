@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from s2d.graphs import StaticForward
-from s2d.model import CausalLM, confidence, load_safetensors_dir, pad_tokens
+from s2d.worker.graphs import StaticForward
+from s2d.worker.model import CausalLM, confidence, load_safetensors_dir, pad_tokens
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja", "added_tokens.json")
@@ -71,8 +71,8 @@ class SortedDraft:
         # one scratch position past the end takes the padding's writes, as in KVCache: no mask to count
         self.hidden = torch.zeros(lm.n_slots, lm.max_len + 1, lm.cfg.hidden_size, dtype=lm.dtype, device=lm.last_device)
         # each segment's step, exit head included, at static shapes (compiled on CPU, captured on CUDA)
-        self.static = [StaticForward(lm, lm.static_mode, bounds, self.hidden) for bounds in self.bounds] if lm.static else []
-        lm.static = lm.static_fill = None  # the whole stack is never run at once
+        self.static = [StaticForward(lm, lm.static_mode, bounds, self.hidden) for bounds in self.bounds] \
+            if lm.static_mode else []
         self.fill = [[0] * len(exits) for _ in range(lm.n_slots)]
 
     @classmethod

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from s2d.config import SamplingParams
+from s2d.core.config import SamplingParams
 
 
 def probs_from_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:

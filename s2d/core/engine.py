@@ -1,19 +1,19 @@
 """The in-process engine: one shared sorted draft, any number of named targets, and the one
-scheduler (s2d/scheduler.py) over an in-process executor. The Ray serving cell runs the same
+scheduler (s2d/core/scheduler.py) over an in-process executor. The Ray serving cell runs the same
 scheduler over actors (deployments/cell.py)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
 
-from s2d.config import EngineConfig, Limits, Profile, SamplingParams
-from s2d.draft import SortedDraft, read_exits
-from s2d.executor import InProcessExecutor
-from s2d.graphs import warm_up
-from s2d.model import CausalLM, context_length, load_hf_config
-from s2d.scheduler import Scheduler
-from s2d.request import Overloaded, Request, RequestError, UnknownTarget
-from s2d.sequence import Delta, DraftPlan, Sequence, encode_prompt, eos_ids
-from s2d.workers import Proposer, Verifier
+from s2d.core.config import EngineConfig, Limits, Profile, SamplingParams
+from s2d.worker.draft import SortedDraft, read_exits
+from s2d.core.executor import InProcessExecutor
+from s2d.worker.graphs import attach, warm_up
+from s2d.worker.model import CausalLM, context_length, load_hf_config
+from s2d.core.scheduler import Scheduler
+from s2d.core.request import Overloaded, Request, RequestError, UnknownTarget
+from s2d.core.sequence import Delta, DraftPlan, Sequence, encode_prompt, eos_ids
+from s2d.worker.workers import Proposer, Verifier
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
@@ -23,7 +23,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
 
 def load_draft(cfg: EngineConfig) -> SortedDraft:
-    """The shared draft, its static segments compiled (s2d/graphs.py)."""
+    """The shared draft, its static segments compiled (s2d/worker/graphs.py)."""
     d = cfg.draft
     draft = SortedDraft.from_pretrained(cfg.resolve(d.path), n_slots=d.max_seqs, max_len=d.max_seq_len, dtype=d.dtype,
                                         devices=d.placement, trust_remote_code=d.trust_remote_code,
@@ -33,11 +33,11 @@ def load_draft(cfg: EngineConfig) -> SortedDraft:
 
 
 def load_target(cfg: EngineConfig, name: str) -> CausalLM:
-    """A target, its static forward compiled (s2d/graphs.py)."""
+    """A target, its static forward compiled (s2d/worker/graphs.py)."""
     t = cfg.target(name)
-    lm = CausalLM.from_pretrained(cfg.resolve(t.path), n_slots=t.max_seqs, max_len=t.max_seq_len, dtype=t.dtype,
-                                  devices=t.placement, trust_remote_code=t.trust_remote_code,
-                                  static_forward=t.static_forward)
+    lm = attach(CausalLM.from_pretrained(cfg.resolve(t.path), n_slots=t.max_seqs, max_len=t.max_seq_len, dtype=t.dtype,
+                                         devices=t.placement, trust_remote_code=t.trust_remote_code,
+                                         static_forward=t.static_forward))
     warm_up(name, [lm.static, lm.static_fill] if lm.static else [])
     return lm
 

@@ -63,7 +63,7 @@ class ModelSpec(Strict):
     device: str = "cpu"
     devices: list[str] | None = None  # layer-wise placement over several devices (large targets)
     dtype: Dtype = "auto"  # auto: bfloat16 on GPU and on a CPU with AVX512-BF16 or AMX, else float32
-    # Decode, verify, prompt-chunk and draft steps at bucketed static shapes (s2d/graphs.py): on (and
+    # Decode, verify, prompt-chunk and draft steps at bucketed static shapes (s2d/worker/graphs.py): on (and
     # auto) compiles them on CPU (AOTInductor packages, built or loaded at startup) and captures CUDA
     # graphs on CUDA; eager runs the same shapes uncompiled (auto does too where S2D_COMPILE=0, as in
     # the tests); off: the eager forward.
@@ -90,7 +90,7 @@ class TargetSpec(ModelSpec):
 
 
 class Limits(Strict):
-    """What one request may ask, enforced at every entry point (s2d/request.py), and the queue bound."""
+    """What one request may ask, enforced at every entry point (s2d/core/request.py), and the queue bound."""
 
     max_prompt_tokens: int = Field(1536, ge=1)
     max_new_tokens: int = Field(512, ge=1)
@@ -114,7 +114,7 @@ class Scheduling(Strict):
     prefill_budget: int = Field(256, ge=8)  # prompt tokens per tick (parts of <= 8 ride in decode rows, unbudgeted)
     long_prompt: int = Field(128, ge=8)  # a prompt of more tokens than this is long
     long_chunk: int = Field(64, ge=8)  # tokens a long prompt prefills per tick
-    # How far s2d requests draft (s2d/policy.py). goodput: per request and tick, the k (0 included)
+    # How far s2d requests draft (s2d/core/policy.py). goodput: per request and tick, the k (0 included)
     # that pays most by measured step costs and live acceptance; static: the profile as configured.
     draft_policy: Literal["goodput", "static"] = "goodput"
     online_thresholds: bool = True  # goodput only: exit thresholds follow live acceptance
@@ -215,7 +215,7 @@ def only_targets(cfg: EngineConfig, names: list[str]) -> EngineConfig:
 def load_config(path: str | Path) -> EngineConfig:
     """Read a YAML config; the special name 'demo' is the bundled demo family."""
     if str(path) == "demo":
-        path = Path(__file__).parent / "demo" / "demo.yaml"
+        path = Path(__file__).parents[1] / "demo" / "demo.yaml"
     path = Path(path)
     data = yaml.safe_load(path.read_text()) or {}
     data.setdefault("base_dir", str(path.resolve().parent))

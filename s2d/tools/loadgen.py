@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from s2d.client import S2DClient
+from s2d.api.client import S2DClient
 
 
 @dataclass
@@ -124,8 +124,8 @@ def summarize(outcomes: list[Outcome], wall_s: float, reference: dict | None = N
 
 def reference_outputs(engine, jobs: list[Job], batch: int = 32) -> dict:
     """Greedy token ids of the in-process engine for each distinct (target, prompt, mode, max_tokens)."""
-    from s2d.config import SamplingParams
-    from s2d.engine import Request
+    from s2d.core.config import SamplingParams
+    from s2d.core.engine import Request
 
     keys = list(dict.fromkeys(j.key for j in jobs))
     ref = {}

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from s2d.config import SamplingParams
-from s2d.engine import Engine, Request
-from s2d.metrics import SpecStats
+from s2d.core.config import SamplingParams
+from s2d.core.engine import Engine, Request
+from s2d.core.stats import SpecStats
 
 SPEC_BENCH_TASKS = {"mt_bench": ["writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities"],
                     "translation": ["translation"], "summarization": ["summarization"], "qa": ["qa"],
@@ -208,7 +208,7 @@ def plots(summary: list[dict], out: Path) -> list[str]:
 
 
 def cmd_bench(a):
-    from s2d.config import Profile, load_config
+    from s2d.core.config import Profile, load_config
 
     cfg = load_config(a.config).with_models(a.dtype, a.static_forward).on_device(a.device)
     engine = Engine.from_config(cfg)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from s2d.cache import KVCache
+from s2d.worker.cache import KVCache
 
 SUPPORTED = {"llama", "mistral", "qwen2"}
 KEY_BUCKET = 64  # key lengths round up to this, so shapes repeat (compile/CUDA-graph friendly)
@@ -262,8 +262,8 @@ class CausalLM(nn.Module):
         self.first_device, self.last_device = devices[0], devices[-1]
         self.cache: KVCache | None = None
         self.forward_s = 0.0  # seconds spent in layers and head (on CPU; on a GPU, launching them)
-        # s2d/graphs.py: decode and verify at static shapes, compiled or captured (resolve_static);
-        # a sorted draft builds one per segment instead
+        # s2d/worker/graphs.py: decode and verify at static shapes, compiled or captured (resolve_static),
+        # given to a target by graphs.attach; a sorted draft builds one per segment instead
         self.static_forward = static_forward
         self.static = self.static_fill = None  # decode and verify; prompt chunks
 
@@ -311,11 +311,6 @@ class CausalLM(nn.Module):
             if not self.tied:
                 self.lm_head.weight = nn.Parameter(self.w_head.t(), requires_grad=False)
         self.static_mode = resolve_static(self.static_forward, self.first_device)
-        if self.static_mode:
-            from s2d.graphs import StaticForward
-
-            self.static = StaticForward(self, self.static_mode)
-            self.static_fill = StaticForward(self, self.static_mode, fill=True)
         hd = getattr(self.cfg, "head_dim", None) or self.cfg.hidden_size // self.cfg.num_attention_heads
         self.cache = KVCache(self.n_slots, self.max_len, self.cfg.num_key_value_heads, hd, self.dtype, self.layer_devices)
         return self

@@ -8,7 +8,7 @@ in a static buffer per shape (the tokens and a small table of each row's start, 
 positions and the mask are computed inside the step), so:
 - on CUDA each shape is captured once as a torch.cuda.CUDAGraph and replayed (one launch instead
   of a few hundred kernels);
-- on CPU the same function is exported and compiled ahead of time into a package (s2d/aot.py:
+- on CPU the same function is exported and compiled ahead of time into a package (s2d/worker/aot.py:
   AOTInductor, weights frozen as constants), with rows, tokens and keys as dynamic dimensions: one
   package per function covers every bucket. `warm_up` builds it at startup, or loads it from the
   disk cache, as SGLang captures its declared batch sizes; nothing compiles while serving
@@ -26,10 +26,10 @@ from dataclasses import dataclass
 
 import torch
 
-from s2d import aot
-from s2d.model import KEY_BUCKET, Batch, CausalLM, Group, confidence, pow2_at_least
+from s2d.worker import aot
+from s2d.worker.model import KEY_BUCKET, Batch, CausalLM, Group, confidence, pow2_at_least
 
-log = logging.getLogger("s2d.graphs")
+log = logging.getLogger("s2d.worker.graphs")
 
 MAX_WIDTH = 16  # tokens per row a target's decode or verify step takes (verify of up to 15 drafts)
 FILL_WIDTH = 256  # tokens per row a fill step (prompt chunks) and a draft segment's step take on CPU
@@ -76,7 +76,7 @@ class StaticForward:
         # chunks of any length through one package on CPU; a CUDA graph is captured per shape, so
         # there prompt chunks stay within the decode and verify widths (a bounded set of graphs)
         self.max_width = FILL_WIDTH if self.gather and not self.capture else MAX_WIDTH
-        self.run_compiled = None  # the package's runner (s2d/aot.py), set by compile()
+        self.run_compiled = None  # the package's runner (s2d/worker/aot.py), set by compile()
         self.shapes: dict[tuple[int, int, int], Shape] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
         self.replays = 0  # forwards served by this path (stats, tests)
@@ -172,7 +172,7 @@ class StaticForward:
             s.out = self._step(*s.args())
 
     def compile(self):
-        """Build or load this step's package (s2d/aot.py), before serving."""
+        """Build or load this step's package (s2d/worker/aot.py), before serving."""
         global compilations, loaded
         if not self.compiled or self.run_compiled is not None:
             return
@@ -191,6 +191,14 @@ class StaticForward:
             raise RuntimeError("a compiled static forward ran before compile(): call warm_up at startup")
         out = self.run_compiled(aot.flat_inputs(self, s.args()))
         return out if self.exit_head else out[0]
+
+
+def attach(lm: CausalLM) -> CausalLM:
+    """Give a target its static steps, where its static_forward asks for them: decode and verify,
+    and prompt chunks."""
+    if lm.static_mode:
+        lm.static, lm.static_fill = StaticForward(lm, lm.static_mode), StaticForward(lm, lm.static_mode, fill=True)
+    return lm
 
 
 def warm_up(name: str, forwards: list[StaticForward]):

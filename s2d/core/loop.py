@@ -16,9 +16,9 @@ from collections.abc import AsyncIterator, Callable
 
 import torch
 
-from s2d.request import DeadlineExceeded, Request, RequestFailed
-from s2d.scheduler import Scheduler
-from s2d.sequence import Delta
+from s2d.core.request import DeadlineExceeded, Request, RequestFailed
+from s2d.core.scheduler import Scheduler
+from s2d.core.sequence import Delta
 
 log = logging.getLogger(__name__)
 

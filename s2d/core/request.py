@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
-from s2d.config import Limits, SamplingParams
+from s2d.core.config import Limits, SamplingParams
 
 
 class RequestError(ValueError):

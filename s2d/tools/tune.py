@@ -11,9 +11,9 @@ from pathlib import Path
 
 import yaml
 
-from s2d.bench import code_prompts, find_spec_bench, fits_context, spec_bench_prompts
-from s2d.config import Profile, SamplingParams
-from s2d.engine import Engine, Request
+from s2d.tools.bench import code_prompts, find_spec_bench, fits_context, spec_bench_prompts
+from s2d.core.config import Profile, SamplingParams
+from s2d.core.engine import Engine, Request
 
 THRESHOLDS = [0.0, 0.3, 0.5, 0.7, 0.9, 1.01]  # 0: always exit here; 1.01: never
 STOPS = [0.0, 0.1, 0.2, 0.4]
@@ -100,8 +100,8 @@ def write_profile(config_path: Path, target: str, profile: Profile):
 
 
 def cmd_tune(a):
-    from s2d.config import load_config
-    from s2d.demo import DEMO_DIR, corpus_files
+    from s2d.core.config import load_config
+    from s2d.train.demo import DEMO_DIR, corpus_files
 
     path = DEMO_DIR / "demo.yaml" if a.config == "demo" else Path(a.config)
     cfg = load_config(path)

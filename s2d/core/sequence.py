@@ -7,13 +7,13 @@ import random
 import time
 from dataclasses import dataclass
 
-from s2d.config import Profile, SamplingParams
-from s2d.detok import Detokenizer
-from s2d.executor import Outcome, Work
-from s2d.metrics import SpecStats
-from s2d.policy import Acceptance
-from s2d.request import RequestError
-from s2d.workers import INLINE_TOKENS
+from s2d.core.config import Profile, SamplingParams
+from s2d.core.detok import Detokenizer
+from s2d.core.executor import Outcome, Work
+from s2d.core.stats import SpecStats
+from s2d.core.policy import Acceptance
+from s2d.core.request import RequestError
+from s2d.worker.workers import INLINE_TOKENS
 
 
 @dataclass

@@ -19,9 +19,9 @@ from ray.dag import InputNode, MultiOutputNode
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from deployments.actors import DraftActor, TargetActor
-from s2d.config import EngineConfig, ModelSpec
-from s2d.engine import check_vocab
-from s2d.executor import BusyClock, Tick, Verified
+from s2d.core.config import EngineConfig, ModelSpec
+from s2d.core.engine import check_vocab
+from s2d.core.executor import BusyClock, Tick, Verified
 
 log = logging.getLogger("ray.serve")
 MAX_RECOVERIES = 3  # in a row, without a tick completing in between

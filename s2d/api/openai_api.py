@@ -1,5 +1,5 @@
 """The OpenAI API as s2d speaks it (no web framework here; deployments/http.py serves it): request
-bodies of /v1/completions and /v1/chat/completions into a checked Request (s2d/request.py, the one
+bodies of /v1/completions and /v1/chat/completions into a checked Request (s2d/core/request.py, the one
 validation path), responses and stream chunks out, and errors in OpenAI's shape with the status a
 client expects.
 
@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from s2d.config import Limits
-from s2d.request import (DeadlineExceeded, DuplicateRequest, Overloaded, Request, RequestError, RequestFailed,
+from s2d.core.config import Limits
+from s2d.core.request import (DeadlineExceeded, DuplicateRequest, Overloaded, Request, RequestError, RequestFailed,
                          Unavailable, UnknownTarget, cause_of, parse_request)
 
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the server's limit

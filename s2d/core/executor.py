@@ -3,7 +3,7 @@
 A tick is one speculative round for a batch of live sequences of any targets: the shared draft
 proposes for all of them in one call, then each target verifies its own sequences in one forward.
 The same two functions (`propose_tick`, `verify_tick`) run in process (`InProcessExecutor`) and
-inside Ray actors (deployments/executor.py); only the transport differs.
+inside Ray actors (deployments/ray_executor.py); only the transport differs.
 
 Workers remember each sequence's tokens, so a tick carries only the tokens a worker has not seen
 (`Work.new`, from `Work.start`). A worker that does not know a sequence (restarted, or never told)
@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from s2d.config import SamplingParams
-from s2d.workers import Forward, PrefillItem, Proposal, ProposeItem, Proposer, Verifier, VerifyItem
+from s2d.core.config import SamplingParams
+from s2d.worker.workers import Forward, PrefillItem, Proposal, ProposeItem, Proposer, Verifier, VerifyItem
 
 
 @dataclass

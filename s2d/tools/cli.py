@@ -17,7 +17,7 @@ def _sampling_flags(p: argparse.ArgumentParser):
 
 
 def _config_from_args(a):
-    from s2d.config import EngineConfig, load_config
+    from s2d.core.config import EngineConfig, load_config
 
     if a.config:
         cfg = load_config(a.config)
@@ -33,9 +33,9 @@ def _config_from_args(a):
 def cmd_generate(a):
     from pydantic import ValidationError
 
-    from s2d.config import SamplingParams
-    from s2d.engine import Engine, Request
-    from s2d.request import RequestError
+    from s2d.core.config import SamplingParams
+    from s2d.core.engine import Engine, Request
+    from s2d.core.request import RequestError
 
     cfg = _config_from_args(a)
     try:
@@ -63,14 +63,14 @@ def cmd_generate(a):
 
 
 def cmd_make_draft(a):
-    from s2d.draft import make_draft
+    from s2d.worker.draft import make_draft
 
     out = make_draft(a.from_, a.layers, [int(e) for e in a.exits.split(",")], a.out)
     print(f"sorted draft written to {out}")
 
 
 def cmd_convert_gguf(a):
-    from s2d.convert import convert_gguf
+    from s2d.train.convert import convert_gguf
 
     print(f"checkpoint written to {convert_gguf(a.gguf, a.out, a.dtype)}")
 
@@ -110,12 +110,58 @@ def main(argv=None):
     c.set_defaults(fn=cmd_convert_gguf)
 
     # Subcommands defined next to what they run.
-    from s2d import bench, client, demo, train, tune
+    from s2d.tools import bench, tune
+    from s2d.train import demo, soft as train
 
-    for module in (train, demo, bench, tune, client):
+    for module in (train, demo, bench, tune):
         module.add_cli(sub)
+    _add_client(sub)
     a = p.parse_args(argv)
     a.fn(a)
+
+
+def cmd_client(a):
+    import grpc
+
+    from s2d.api.client import S2DClient
+
+    c = S2DClient(a.address, a.application)
+    try:
+        if a.list:
+            r = c.list_targets()
+            print(json.dumps({"targets": list(r.targets), "draft_exits": list(r.draft_exits)}))
+            return
+        if not a.target or a.prompt is None:
+            raise SystemExit("give --target NAME and --prompt TEXT (or --list)")
+        kw = dict(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed,
+                  stop=a.stop, mode=a.mode, raw=a.raw)
+        if a.stream:
+            for chunk in c.stream(a.target, a.prompt, **kw):
+                print(chunk.text, end="", flush=True)
+                last = chunk
+            reason, n, mat = last.finish_reason, last.usage.completion_tokens, last.stats.mat
+        else:
+            r = c.generate(a.target, a.prompt, **kw)
+            print(r.text, end="")
+            reason, n, mat = r.finish_reason, r.usage.completion_tokens, r.stats.mat
+        print(f"\n[{reason}] {n} tokens, MAT {mat:.2f}", file=sys.stderr)
+    except grpc.RpcError as e:
+        raise SystemExit(f"{e.code().name}: {e.details()}")
+    finally:
+        c.close()
+
+
+def _add_client(sub):
+    p = sub.add_parser("client", help="call a running s2d server over gRPC")
+    p.add_argument("--address", default="127.0.0.1:9000")
+    p.add_argument("--application", default=None, help="Ray Serve app name, when several run")
+    p.add_argument("--target")
+    p.add_argument("--prompt")
+    p.add_argument("--stream", action="store_true")
+    p.add_argument("--raw", action="store_true")
+    p.add_argument("--list", action="store_true", help="list the served targets")
+    _sampling_flags(p)
+    p.set_defaults(fn=cmd_client)
 
 
 if __name__ == "__main__":

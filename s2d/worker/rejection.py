@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from s2d.sampling import draw, exponentials, sample
+from s2d.worker.sampling import draw, exponentials, sample
 
 
 def verify_greedy(drafts: list[int], target_logits: torch.Tensor) -> list[int]:
