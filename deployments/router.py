@@ -24,8 +24,8 @@ from s2d.core.config import EngineConfig
 from s2d.worker.draft import read_exits
 from s2d.proto import s2d_pb2 as pb
 from s2d.proto.servicer import Undecodable
-from s2d.core.request import (DeadlineExceeded, DuplicateRequest, Overloaded, Request, RequestError, RequestFailed,
-                         Unavailable, UnknownTarget, cause_of, internal_message, parse_request)
+from s2d.core.request import (DeadlineExceeded, Request, RequestError, RequestFailed, Unavailable, UnknownTarget,
+                              cause_of, internal_message, parse_request, status_of)
 
 log = logging.getLogger("ray.serve")
 REPLICA_LOST = (ActorDiedError, ActorUnavailableError, RayActorError)
@@ -54,12 +54,6 @@ def stats_pb(s: dict) -> pb.SpecStats:
                         exit_histogram={int(k): v for k, v in s["exit_histogram"].items()},
                         acceptance_per_position=s["acceptance_per_position"], wall_s=s["wall_s"],
                         proposed_at=s["proposed_at"], accepted_at=s["accepted_at"])
-
-
-STATUS = [(UnknownTarget, grpc.StatusCode.NOT_FOUND), (DuplicateRequest, grpc.StatusCode.ALREADY_EXISTS),
-          (RequestError, grpc.StatusCode.INVALID_ARGUMENT), (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
-          (Unavailable, grpc.StatusCode.UNAVAILABLE), (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
-          (RequestFailed, grpc.StatusCode.INTERNAL)]
 
 
 class Refused(Exception):
@@ -178,12 +172,12 @@ class S2DRouter(OpenAIRoutes):
     def _fail(self, grpc_context, e: Exception, target: str = "") -> Refused:
         """Set the status that names the problem; the caller raises what this returns."""
         cause = cause_of(e)
-        code = next((c for cls, c in STATUS if isinstance(cause, cls)), None)
-        if code is None:  # a bug: the details name it without a traceback, the log has one
+        status = status_of(cause)
+        if status is None:  # a bug: the details name it without a traceback, the log has one
             log.error("request failed", exc_info=e)
             code, details = grpc.StatusCode.INTERNAL, internal_message(e)
         else:
-            details = str(cause)
+            code, details = grpc.StatusCode[status.grpc], str(cause)
         grpc_context.set_code(code)
         grpc_context.set_details(details[:1000])
         self.count_failure(target, "grpc", code.name.lower())

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from s2d.core.config import Limits
-from s2d.core.request import (DeadlineExceeded, DuplicateRequest, Overloaded, Request, RequestError, RequestFailed,
-                         Unavailable, UnknownTarget, cause_of, parse_request)
+from s2d.core.request import (DeadlineExceeded, DuplicateRequest, Overloaded, Request, RequestError, cause_of,
+                              parse_request, status_of)
 
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the server's limit
 
@@ -55,23 +55,19 @@ def as_api_error(e: BaseException) -> APIError | None:
     cause = cause_of(e)
     if isinstance(cause, APIError):
         return cause
-    if isinstance(cause, UnknownTarget):
-        return APIError(404, f"model: {cause.message}", param="model", code="model_not_found")
-    if isinstance(cause, DuplicateRequest):
-        return APIError(409, str(cause), param=param_of(cause.field), code="duplicate_request")
+    status = status_of(cause)
+    if status is None:
+        return None
+    message, param = str(cause), None  # in OpenAI's words where they differ from ours
     if isinstance(cause, RequestError):
         param = param_of(cause.field)
-        return APIError(400, f"{param}: {cause.message}", param=param if param != "request" else None,
-                        code="invalid_value")
-    if isinstance(cause, Overloaded):
-        return APIError(429, f"the server is overloaded: {cause}", "rate_limit_error", code="overloaded")
-    if isinstance(cause, DeadlineExceeded):
-        return APIError(504, str(cause), "timeout_error", param="timeout_s", code="deadline_exceeded")
-    if isinstance(cause, RequestFailed):
-        return APIError(500, str(cause), "server_error", code="engine_failed")
-    if isinstance(cause, Unavailable):
-        return APIError(503, str(cause), "service_unavailable_error", code="unavailable")
-    return None
+        message = f"{param}: {cause.message}" if not isinstance(cause, DuplicateRequest) else message
+        param = param if param != "request" else None
+    elif isinstance(cause, Overloaded):
+        message = f"the server is overloaded: {cause}"
+    elif isinstance(cause, DeadlineExceeded):
+        param = "timeout_s"
+    return APIError(status.http, message, status.type, param, status.code)
 
 
 def read_body(raw: bytes, limits: Limits) -> dict:

@@ -55,6 +55,35 @@ class DeadlineExceeded(RuntimeError):
     """The request ran past its deadline (Request.timeout_s, at most Limits.max_request_s)."""
 
 
+@dataclass(frozen=True)
+class Status:
+    """How an error is answered on each wire: the gRPC status code's name, the HTTP status, and
+    OpenAI's error type and code."""
+
+    grpc: str
+    http: int
+    type: str
+    code: str
+
+
+# The one error table, for both ingresses (deployments/router.py, s2d/api/openai_api.py); the first
+# class an error is an instance of decides, so subclasses come before RequestError.
+STATUSES: list[tuple[type[Exception], Status]] = [
+    (UnknownTarget, Status("NOT_FOUND", 404, "invalid_request_error", "model_not_found")),
+    (DuplicateRequest, Status("ALREADY_EXISTS", 409, "invalid_request_error", "duplicate_request")),
+    (RequestError, Status("INVALID_ARGUMENT", 400, "invalid_request_error", "invalid_value")),
+    (Overloaded, Status("RESOURCE_EXHAUSTED", 429, "rate_limit_error", "overloaded")),
+    (Unavailable, Status("UNAVAILABLE", 503, "service_unavailable_error", "unavailable")),
+    (DeadlineExceeded, Status("DEADLINE_EXCEEDED", 504, "timeout_error", "deadline_exceeded")),
+    (RequestFailed, Status("INTERNAL", 500, "server_error", "engine_failed")),
+]
+
+
+def status_of(e: BaseException) -> Status | None:
+    """The answer to an s2d error (unwrapped by cause_of first); None for anything else: a bug."""
+    return next((s for cls, s in STATUSES if isinstance(e, cls)), None)
+
+
 def cause_of(e: BaseException) -> BaseException:
     """The error itself: a cell's error arrives at the ingress wrapped in a RayTaskError."""
     return getattr(e, "cause", None) or e
