@@ -14,7 +14,7 @@ from ray import serve
 from deployments.ray_executor import RayExecutor
 from deployments.metrics import LoadMetrics
 from s2d.core.config import EngineConfig
-from s2d.core.engine import load_in_process, scheduler_for
+from s2d.core.engine import engine_core, load_in_process
 from s2d.core.loop import EngineLoop
 from s2d.core.request import Request
 from s2d.core.sequence import Delta
@@ -29,7 +29,7 @@ class Cell:
             self.executor, threads = load_in_process(cfg, spec.targets), os.cpu_count() or 1
         else:  # the actors set their own threads
             self.executor, threads = RayExecutor(cfg, cell, spec.pipeline, transport=spec.transport), None
-        self.loop = EngineLoop(scheduler_for(cfg, self.executor, spec.targets, spec.pipeline), threads,
+        self.loop = EngineLoop(engine_core(cfg, self.executor, spec.targets, spec.pipeline), threads,
                                report=LoadMetrics().report)
 
     def check_health(self):

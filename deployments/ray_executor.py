@@ -21,7 +21,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from deployments.actors import DraftActor, TargetActor
 from s2d.core.config import EngineConfig, ModelSpec
 from s2d.core.engine import check_vocab
-from s2d.core.executor import BusyClock, Tick, Verified
+from s2d.core.executor import BusyClock, Tick, TickResult, Verified
 
 log = logging.getLogger("ray.serve")
 MAX_RECOVERIES = 3  # in a row, without a tick completing in between
@@ -110,7 +110,7 @@ class RayExecutor(BusyClock):
         except LOST as e:  # the graph was torn down by an actor's death: result() recovers
             ticket.refs = e
 
-    def result(self, ticket: Ticket) -> list[Verified]:
+    def result(self, ticket: Ticket) -> TickResult:
         while True:
             try:
                 out = self._collect(ticket)
@@ -122,8 +122,9 @@ class RayExecutor(BusyClock):
                 raise
         assert self.pending.popleft() is ticket, "results are taken in submission order"
         self.recoveries = 0
-        self.count(out)
-        return out
+        result = TickResult.of(out)
+        self.count(result)
+        return result
 
     def stats(self) -> dict:
         out = {"busy_fraction": self.fractions()}

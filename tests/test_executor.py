@@ -8,8 +8,8 @@ import ray
 
 from deployments.ray_executor import RayExecutor
 from s2d.core.config import SamplingParams
-from s2d.core.engine import Engine, Request, greedy, scheduler_for
-from s2d.core.scheduler import Scheduler
+from s2d.core.engine import Engine, Request, engine_core, greedy
+from s2d.core.engine_core import EngineCore
 
 from conftest import PROMPTS, make_config
 
@@ -45,28 +45,28 @@ def expected(family):
     return [r["token_ids"] for r in Engine.from_config(config(family)).generate(requests())]
 
 
-def run(scheduler: Scheduler, reqs, on_step=None) -> list[list[int]]:
-    seqs = [scheduler.add(r) for r in reqs]
+def run(core: EngineCore, reqs, on_step=None) -> list[list[int]]:
+    seqs = [core.scheduler.add(r) for r in reqs]
     n = 0
-    while scheduler.has_work:  # to the end, releases included
-        scheduler.step()
+    while core.has_work:  # to the end, releases included
+        core.step()
         n += 1
         if on_step:
             on_step(n)
     return [s.out for s in seqs]
 
 
-def ray_scheduler(cfg, pipeline: bool) -> tuple[Scheduler, RayExecutor]:
+def ray_core(cfg, pipeline: bool) -> tuple[EngineCore, RayExecutor]:
     ex = RayExecutor(cfg, "main", pipeline)
-    return scheduler_for(cfg, ex, pipeline=pipeline), ex
+    return engine_core(cfg, ex, pipeline=pipeline), ex
 
 
 @pytest.mark.parametrize("pipeline", [False, True])
 def test_ray_executor_gives_the_in_process_tokens(cluster, family, expected, pipeline):
-    sch, ex = ray_scheduler(config(family), pipeline)
+    core, ex = ray_core(config(family), pipeline)
     try:
-        assert run(sch, requests()) == expected
-        assert sch.pipeline == pipeline and not sch.has_work
+        assert run(core, requests()) == expected
+        assert core.scheduler.pipeline == pipeline and not core.has_work
         stats = ex.stats()
         assert stats["draft"]["held"] == 0 and stats["small"]["held"] == 0 and stats["large"]["held"] == 0
         assert 0 < stats["busy_fraction"]["draft"] < 1 and stats["draft"]["max_batch"] > 1
@@ -76,14 +76,14 @@ def test_ray_executor_gives_the_in_process_tokens(cluster, family, expected, pip
 
 @pytest.mark.parametrize("victim", ["draft", "large"])
 def test_an_actor_killed_mid_run_is_replaced_and_every_request_completes(cluster, family, expected, victim):
-    sch, ex = ray_scheduler(config(family), pipeline=True)
+    core, ex = ray_core(config(family), pipeline=True)
 
     def kill(step):
         if step == 3:
             ray.kill(ex.draft if victim == "draft" else ex.targets[victim], no_restart=True)
 
     try:
-        assert run(sch, requests(), on_step=kill) == expected
+        assert run(core, requests(), on_step=kill) == expected
         assert ex.stats()["draft"]["held"] == 0
     finally:
         ex.shutdown()

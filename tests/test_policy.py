@@ -13,7 +13,7 @@ import pytest
 from s2d.tools.bench import heldout_code
 from s2d.core.config import Profile, SamplingParams, load_config
 from s2d.core.engine import Engine, Request
-from s2d.core.executor import Verified
+from s2d.core.executor import DraftPart, TickResult, Verified
 from s2d.core.policy import (OFF_BUDGET, Acceptance, DraftPolicy, Row, StepCosts, TargetPolicy, modelled_tokens_per_s,
                         pinned_costs)
 from s2d.worker.workers import Forward
@@ -117,10 +117,10 @@ def test_the_drafts_catch_up_is_not_a_cost_of_drafting():
     p = DraftPolicy({"t": Profile()}, EXITS)
     forwards = [Forward("prefill", 1, 100, 50 * MS), Forward("draft_step", 1, 1, 0.4 * MS),
                 Forward("draft:0", 1, 1, 0.3 * MS)]
-    tick = Verified("t", [], draft_busy_s=51 * MS, busy_s=4 * MS, forwards=[Forward("verify", 1, 2, 4 * MS)],
-                    draft_forwards=forwards)
+    tick = TickResult(DraftPart(51 * MS, forwards), [Verified("t", [], busy_s=4 * MS,
+                                                               forwards=[Forward("verify", 1, 2, 4 * MS)])])
     for _ in range(StepCosts.COLD + 1):  # a cell's first measurements are left out
-        p.observe([tick], wall_s=56 * MS, draft_rows=1)
+        p.observe(tick, wall_s=56 * MS, draft_rows=1)
     assert p.costs.predict("draft_call", 1) == pytest.approx(0.6 * MS)
     assert p.costs.predict("draft_prefill", 1) == pytest.approx(0.5 * MS)
 

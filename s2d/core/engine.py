@@ -7,7 +7,8 @@ from collections.abc import Iterator
 
 from s2d.core.config import EngineConfig, Limits, Profile, SamplingParams
 from s2d.worker.draft import SortedDraft, read_exits
-from s2d.core.executor import InProcessExecutor
+from s2d.core.engine_core import EngineCore
+from s2d.core.executor import Executor, InProcessExecutor
 from s2d.worker.graphs import attach, warm_up
 from s2d.worker.model import CausalLM, context_length, load_hf_config
 from s2d.core.scheduler import Scheduler
@@ -99,12 +100,16 @@ def load_in_process(cfg: EngineConfig, targets: list[str] | None = None) -> InPr
     return InProcessExecutor(Proposer(draft), {n: Verifier(m) for n, m in models.items()})
 
 
-def scheduler_for(cfg: EngineConfig, executor, targets: list[str] | None = None, pipeline: bool = False) -> Scheduler:
-    """The scheduler over `executor` for the given targets (default: all), with the config's slots and limits."""
+def engine_core(cfg: EngineConfig, executor: Executor, targets: list[str] | None = None,
+                pipeline: bool = False) -> EngineCore:
+    """The scheduler for the given targets (default: all), with the config's slots and limits, over
+    `executor`; `pipeline` takes effect where the executor keeps two ticks in flight."""
     targets = targets or [t.name for t in cfg.targets]
     frontends = build_frontends(cfg)
-    return Scheduler({t: frontends[t] for t in targets}, cfg.limits, executor, cfg.draft.max_seqs,
-                     {t: cfg.target(t).max_seqs for t in targets}, pipeline=pipeline, scheduling=cfg.scheduling)
+    scheduler = Scheduler({t: frontends[t] for t in targets}, cfg.limits, cfg.draft.max_seqs,
+                          {t: cfg.target(t).max_seqs for t in targets}, pipeline and executor.max_inflight > 1,
+                          cfg.scheduling)
+    return EngineCore(scheduler, executor)
 
 
 class Engine:
@@ -113,7 +118,8 @@ class Engine:
     def __init__(self, cfg: EngineConfig, executor: InProcessExecutor):
         self.cfg = cfg
         self.proposer, self.verifiers = executor.proposer, executor.verifiers
-        self.scheduler = scheduler_for(cfg, executor)
+        self.core = engine_core(cfg, executor)
+        self.scheduler = self.core.scheduler
         self.frontends = self.scheduler.frontends
 
     @classmethod
@@ -135,7 +141,7 @@ class Engine:
         self.scheduler.abort(seq_id)
 
     def step(self) -> list[Delta]:
-        return self.scheduler.step()
+        return self.core.step()
 
     @property
     def running(self) -> dict[str, Sequence]:
@@ -145,10 +151,6 @@ class Engine:
     def has_work(self) -> bool:
         return self.scheduler.has_work
 
-    @property
-    def finished_stats(self):
-        return self.scheduler.finished_stats
-
     # -- conveniences --------------------------------------------------------------------------
     def generate(self, requests: list[Request]) -> list[dict]:
         """Run requests to completion together; results in request order."""
@@ -157,13 +159,19 @@ class Engine:
             self.step()
         return [s.result() for s in seqs]
 
-    def stream(self, request: Request) -> Iterator[Delta]:
-        seq = self.scheduler.add(request)
+    def start(self, request: Request) -> Sequence:
+        """Queue a request; its result, once finished, is `seq.result()`."""
+        return self.scheduler.add(request)
+
+    def deltas(self, seq: Sequence) -> Iterator[Delta]:
+        """Run ticks until `seq` finishes, yielding what each added to it."""
         while not seq.finished:
             for d in self.step():
                 if d.seq_id == seq.seq_id:
                     yield d
-        self.last_result = seq.result()
+
+    def stream(self, request: Request) -> Iterator[Delta]:
+        return self.deltas(self.start(request))
 
 
 def greedy(max_tokens: int = 64, **kw) -> SamplingParams:

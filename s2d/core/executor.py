@@ -66,15 +66,42 @@ class Outcome:
 
 
 @dataclass
+class DraftPart:
+    """The draft's share of a tick: its seconds, its forwards, and of those seconds the ones in its
+    layers and head."""
+
+    busy_s: float = 0.0
+    forwards: list[Forward] = field(default_factory=list)
+    forward_s: float = 0.0
+
+
+@dataclass
 class Verified:
+    """One target's verification of a tick. `draft` rides along from the draft's worker (on Ray
+    only the targets return to the driver); read it once, from the TickResult."""
+
     target: str
     outcomes: list[Outcome]
-    draft_busy_s: float
     busy_s: float
     forwards: list[Forward] = field(default_factory=list)  # the target's
     forward_s: float = 0.0  # of busy_s, in the target's layers and head
-    draft_forwards: list[Forward] = field(default_factory=list)  # the tick's draft forwards (in every target's result)
-    draft_forward_s: float = 0.0
+    draft: DraftPart = field(default_factory=DraftPart)
+
+
+@dataclass
+class TickResult:
+    """What a tick gave back: the draft's part once, and each target's verification."""
+
+    draft: DraftPart
+    targets: list[Verified]
+
+    @classmethod
+    def of(cls, verified: list[Verified]) -> "TickResult":
+        return cls(verified[0].draft if verified else DraftPart(), verified)
+
+    @property
+    def outcomes(self) -> dict[str, Outcome]:
+        return {o.seq_id: o for v in self.targets for o in v.outcomes}
 
 
 def known_tokens(worker, w: Work) -> list[int] | None:
@@ -135,19 +162,23 @@ def verify_tick(verifier: Verifier, target: str, drafted: Drafted) -> Verified:
             v = next(verdicts)
             o.tokens, o.accepted, o.error = v.tokens, v.accepted, v.error
     forwards, spent = verifier.take_forwards()
-    return Verified(target, outcomes, drafted.busy_s, time.perf_counter() - t0, forwards, spent,
-                    drafted.forwards, drafted.forward_s)
+    return Verified(target, outcomes, time.perf_counter() - t0, forwards, spent,
+                    DraftPart(drafted.busy_s, drafted.forwards, drafted.forward_s))
 
 
 class Executor(Protocol):
-    """Runs ticks. `submit` may return before the tick ran (the Ray executor pipelines up to two);
-    `result` returns one `Verified` per target, in submission order of the ticks."""
+    """Runs ticks. `submit` may return before the tick ran: up to `max_inflight` ticks are in flight
+    (the Ray executor pipelines two); `result` returns their results in submission order."""
+
+    max_inflight: int
 
     def submit(self, tick: Tick): ...
 
-    def result(self, handle) -> list[Verified]: ...
+    def result(self, handle) -> TickResult: ...
 
-    def stats(self) -> dict: ...
+    def stats(self) -> dict: ...  # each worker's stats and the busy fractions since reset_busy
+
+    def reset_busy(self) -> None: ...
 
     def drain(self) -> None: ...  # drop the ticks in flight (after a failed one)
 
@@ -165,10 +196,9 @@ class BusyClock:
         self.busy = {k: 0.0 for k in self.roles}
         self.t_start = time.perf_counter()
 
-    def count(self, verified: list[Verified]):
-        if verified:
-            self.busy["draft"] += verified[0].draft_busy_s
-        for v in verified:
+    def count(self, result: TickResult):
+        self.busy["draft"] += result.draft.busy_s
+        for v in result.targets:
             self.busy[v.target] += v.busy_s
 
     def fractions(self) -> dict[str, float]:
@@ -189,9 +219,10 @@ class InProcessExecutor(BusyClock):
         drafted = propose_tick(self.proposer, tick)
         return [verify_tick(v, name, drafted) for name, v in self.verifiers.items()]
 
-    def result(self, handle: list[Verified]) -> list[Verified]:
-        self.count(handle)
-        return handle
+    def result(self, handle: list[Verified]) -> TickResult:
+        out = TickResult.of(handle)
+        self.count(out)
+        return out
 
     def stats(self) -> dict:
         return {"busy_fraction": self.fractions(), "draft": self.proposer.stats(),

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 import torch
 
 from s2d.core.request import DeadlineExceeded, Request, RequestFailed
-from s2d.core.scheduler import Scheduler
+from s2d.core.engine_core import EngineCore
 from s2d.core.sequence import Delta
 
 log = logging.getLogger(__name__)
@@ -26,9 +26,10 @@ log = logging.getLogger(__name__)
 class EngineLoop:
     REPORT_EVERY_S = 1.0
 
-    def __init__(self, scheduler: Scheduler, torch_threads: int | None = None,
+    def __init__(self, core: EngineCore, torch_threads: int | None = None,
                  report: Callable[[dict], None] | None = None):
-        self.scheduler, self.torch_threads, self.report = scheduler, torch_threads, report
+        self.core, self.scheduler = core, core.scheduler
+        self.torch_threads, self.report = torch_threads, report
         self._reported = 0.0
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.outputs: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -114,7 +115,7 @@ class EngineLoop:
             if not self.scheduler.has_work:
                 continue
             try:
-                deltas = self.scheduler.step()
+                deltas = self.core.step()
             except Exception as e:  # noqa: BLE001 - fail the live requests, keep serving
                 log.exception("scheduler step failed")
                 self._fail_running(e)
@@ -137,7 +138,7 @@ class EngineLoop:
             self._send(seq_id, RequestFailed(f"the engine failed: {type(e).__name__}: {e}"))
             self.outputs.pop(seq_id, None)
             self.scheduler.abort(seq_id)
-        self.scheduler.drop_inflight()
+        self.core.drop_inflight()
 
     def _send(self, seq_id: str, item):
         if seq_id in self.outputs:

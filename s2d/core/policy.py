@@ -422,15 +422,17 @@ class DraftPolicy:
         self.targets[key].record(k, len(outcome.drafts), outcome.trace, outcome.tokens, outcome.accepted)
         own.record(k, len(outcome.drafts), outcome.accepted)
 
-    def observe(self, verified: list, wall_s: float, draft_rows: int):
-        """A finished tick: its forwards' measured seconds, and the engine's own time around them."""
+    def observe(self, result, wall_s: float, draft_rows: int):
+        """A finished tick (a TickResult): its forwards' measured seconds, and the engine's own time
+        around them."""
         if self.mode == "static":  # nothing reads the costs
             return
+        verified = result.targets
         for v in verified:
             for f in v.forwards:
                 if f.what == "verify":
                     self.costs.observe(f"verify:{v.target}", f.rows, f.tokens // max(f.rows, 1), f.seconds)
-        drafting = verified[0].draft_forwards if verified else []
+        drafting = result.draft.forwards
         steps = [f for f in drafting if f.what == "draft_step"]
         catchup_s = 0.0
         for f in drafting:
@@ -439,7 +441,7 @@ class DraftPolicy:
             elif f.what == "prefill":  # the draft catching up (prompts, missed tokens): per token, apart
                 self.costs.observe("draft_prefill", 1, 1, f.seconds / max(f.tokens, 1))
                 catchup_s += f.seconds
-        draft_s = verified[0].draft_busy_s if verified else 0.0
+        draft_s = result.draft.busy_s
         if steps:  # what a draft call costs besides its steps and its catch-up (syncing tokens, releases)
             self.costs.observe("draft_call", steps[0].rows, 1,
                                max(draft_s - catchup_s - sum(f.seconds for f in steps), 0.0))

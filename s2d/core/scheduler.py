@@ -2,21 +2,24 @@
 (s2d/core/engine.py) and in a Ray serving cell (deployments/cell.py) alike.
 
 It owns request validation, request ids, admission by free KV slots, overload, abort and release;
-each sequence's state lives here and nowhere else. A tick drafts for all running sequences in one
-propose call and verifies each target's in one forward (s2d/core/executor.py). With `pipeline` on, the
-running sequences form two cohorts whose ticks alternate, so that with an executor that runs the
-draft and the targets side by side the draft proposes for one cohort while the targets verify the
-other."""
+each sequence's state lives here and nowhere else. It decides and it updates; it never runs or
+waits on a tick: `schedule` plans the ticks (a tick drafts for its sequences in one propose call and
+verifies each target's in one forward, s2d/core/executor.py), the engine core
+(s2d/core/engine_core.py) runs them on an executor, and `update` takes each result back. With
+`pipeline` on, the running sequences form two cohorts whose ticks alternate, so that with an
+executor that runs the draft and the targets side by side the draft proposes for one cohort while
+the targets verify the other."""
 from __future__ import annotations
 
 import logging
 import time
 import uuid
 from collections import deque
+from dataclasses import dataclass
 
 from s2d.core.config import Limits, Scheduling
-from s2d.core.executor import Executor, Tick, Verified
-from s2d.core.stats import Breakdown, SpecStats
+from s2d.core.executor import Tick, TickResult
+from s2d.core.stats import Breakdown
 from s2d.core.policy import DraftPolicy, Row
 from s2d.core.request import DuplicateRequest, Overloaded, Request, RequestError, UnknownTarget, check_request
 from s2d.core.sequence import Delta, Sequence
@@ -24,21 +27,30 @@ from s2d.core.sequence import Delta, Sequence
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class Planned:
+    """A tick the scheduler planned for one cohort, and the sequences it advances."""
+
+    cohort: int
+    tick: Tick
+    seqs: list[Sequence]
+
+
 class Scheduler:
-    def __init__(self, frontends: dict, limits: Limits, executor: Executor, draft_slots: int,
-                 target_slots: dict[str, int], pipeline: bool = False, scheduling: Scheduling = Scheduling()):
-        self.frontends, self.limits, self.executor = frontends, limits, executor
+    def __init__(self, frontends: dict, limits: Limits, draft_slots: int, target_slots: dict[str, int],
+                 pipeline: bool = False, scheduling: Scheduling | None = None):
+        """`pipeline`: two cohorts, for an executor with two ticks in flight."""
+        scheduling = scheduling or Scheduling()
+        self.frontends, self.limits = frontends, limits
         self.sched = scheduling
         self.draft_slots, self.target_slots = draft_slots, target_slots
-        self.pipeline = pipeline and getattr(executor, "max_inflight", 1) > 1
+        self.pipeline = pipeline
         self.waiting: deque[Sequence] = deque()
         self.running: dict[str, Sequence] = {}
         self.cohort: dict[str, int] = {}  # seq_id -> 0 or 1
-        self.inflight: deque[tuple[int, object, list[Sequence]]] = deque()  # (cohort, handle, sequences)
+        self.planned: dict[int, list[Sequence]] = {}  # cohort -> its sequences, while its tick is in flight
         self.to_release: list[str] = []
-        self.finished_stats = SpecStats()
         self.breakdown = Breakdown()
-        self.t_end: float | None = None  # when the last tick returned, while sequences were running
         exits = next(iter(frontends.values())).exits if frontends else []
         self.policy = DraftPolicy({t: f.profile for t, f in frontends.items()}, exits, scheduling.draft_policy,
                                   scheduling.online_thresholds)
@@ -111,44 +123,46 @@ class Scheduler:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.inflight or self.to_release)
+        return bool(self.waiting or self.running or self.planned or self.to_release)
 
-    # -- ticks ---------------------------------------------------------------------------------
-    def step(self) -> list[Delta]:
-        """Run one tick (with pipelining: finish the oldest in-flight tick, after starting the
-        other cohort's) and return what it added to each sequence."""
-        t0 = time.perf_counter()
-        # the caller's time between ticks (streaming the deltas, its own loop) is paid once a round
-        # too: a round's cost, which the policy weighs, runs from one tick's start to the next's
-        between = t0 - self.t_end if self.t_end is not None else 0.0
-        self.t_end = None
+    # -- ticks: schedule, then (the engine core executes), then update ----------------------------
+    def schedule(self) -> list[Planned]:
+        """Admit what fits, and plan a tick for each cohort with none in flight. With `pipeline`
+        on, while some sequence drafts, the running sequences form two cohorts whose ticks
+        alternate: the draft proposes for one while the targets verify the other."""
         self._admit()
-        # Cohorts alternate only while some sequence drafts: without draft work there is nothing
-        # to overlap, and splitting would only halve the targets' batches.
+        # without draft work there is nothing to overlap, and splitting would only halve the batches
         split = self.pipeline and any(s.plan.k_max > 0 and (not s.plan.adaptive or self.policy.drafts(s.target))
                                       for s in self.running.values())
-        busy = {c for c, _, _ in self.inflight}
-        flying = {s.seq_id for _, _, seqs in self.inflight for s in seqs}
+        flying = {s.seq_id for seqs in self.planned.values() for s in seqs}
+        out = []
         for c in (0, 1) if split else (0,):
-            if c not in busy:
-                seqs, work = self._plan([s for s in self.running.values() if s.seq_id not in flying
-                                         and (not split or self.cohort.get(s.seq_id) == c)])
-                if seqs or self.to_release:
-                    tick = Tick(work, self.to_release)
-                    self.to_release = []
-                    self.inflight.append((c, self.executor.submit(tick), seqs))
-        if not self.inflight:
-            return []
-        _, handle, seqs = self.inflight.popleft()
-        verified = self.executor.result(handle)
-        deltas = self._accept(seqs, verified)
-        if verified:
-            wall = time.perf_counter() - t0 + between
-            self.breakdown.add(wall, verified[0].draft_forward_s, sum(v.forward_s for v in verified))
-            self._policy(self.policy.observe, verified, wall, sum(s.drafting_k > 0 for s in seqs))
-        if self.running:  # a next tick follows at once; idle time before a new request is no one's cost
-            self.t_end = time.perf_counter()
-        return deltas
+            if c in self.planned:
+                continue
+            seqs, work = self._plan([s for s in self.running.values() if s.seq_id not in flying
+                                     and (not split or self.cohort.get(s.seq_id) == c)])
+            if seqs or self.to_release:
+                out.append(Planned(c, Tick(work, self.to_release), seqs))
+                self.to_release = []
+                self.planned[c] = seqs
+        return out
+
+    def update(self, planned: Planned, result: TickResult) -> list[Delta]:
+        """A planned tick's result: each sequence's round accepted (its acceptance fed to the
+        policy); what it added to each sequence."""
+        del self.planned[planned.cohort]
+        return self._accept(planned.seqs, result)
+
+    def account(self, planned: Planned, result: TickResult, wall_s: float):
+        """A tick's time, from its start to the next's (`wall_s`), into the breakdown and the
+        policy's costs."""
+        if result.targets:
+            self.breakdown.add(wall_s, result.draft.forward_s, sum(v.forward_s for v in result.targets))
+            self._policy(self.policy.observe, result, wall_s, sum(s.drafting_k > 0 for s in planned.seqs))
+
+    def forget_planned(self):
+        """After a failed tick: the ticks in flight are dropped (the caller aborts their sequences)."""
+        self.planned.clear()
 
     def _plan(self, candidates: list[Sequence]) -> tuple[list[Sequence], list]:
         """Each candidate's work for one tick under the prefill budget: the oldest long prompt's
@@ -191,13 +205,8 @@ class Scheduler:
             log.exception("the draft policy failed; this tick runs with the configured profiles")
             return None
 
-    def drop_inflight(self):
-        """After a failed tick: forget the ticks in flight (the caller aborts their sequences)."""
-        self.inflight.clear()
-        self.executor.drain()
-
-    def _accept(self, seqs: list[Sequence], verified: list[Verified]) -> list[Delta]:
-        outcomes = {o.seq_id: o for v in verified for o in v.outcomes}
+    def _accept(self, seqs: list[Sequence], result: TickResult) -> list[Delta]:
+        outcomes = result.outcomes
         deltas = []
         for s in seqs:
             if s.seq_id not in self.running:  # aborted while its tick was in flight
@@ -215,7 +224,6 @@ class Scheduler:
             deltas.append(d)
             if s.finished:
                 self._free(self.running.pop(s.seq_id))
-                self.finished_stats = self.finished_stats.merge(s.stats)
         return deltas
 
 

@@ -46,12 +46,13 @@ def cmd_generate(a):
     engine = Engine.from_config(cfg)
     try:
         req = Request(target=a.target, prompt=a.prompt, params=params, mode=a.mode, raw=a.raw)
-        for delta in engine.stream(req):
+        seq = engine.start(req)
+        for delta in engine.deltas(seq):
             if not a.json:
                 print(delta.text, end="", flush=True)
     except RequestError as e:
         raise SystemExit(f"error: {e}")
-    result = engine.last_result
+    result = seq.result()
     if result.get("error"):
         raise SystemExit(f"error: {result['error']}")
     if a.json:
