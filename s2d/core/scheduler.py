@@ -16,17 +16,18 @@ from collections import deque
 
 from s2d.core.config import Limits, Scheduling
 from s2d.core.executor import Executor, Tick, Verified
-from s2d.core.stats import Breakdown, SpecStats
 from s2d.core.policy import DraftPolicy, Row
 from s2d.core.request import DuplicateRequest, Overloaded, Request, RequestError, UnknownTarget, check_request
 from s2d.core.sequence import Delta, Sequence
+from s2d.core.stats import Breakdown, SpecStats
 
 log = logging.getLogger(__name__)
 
 
 class Scheduler:
     def __init__(self, frontends: dict, limits: Limits, executor: Executor, draft_slots: int,
-                 target_slots: dict[str, int], pipeline: bool = False, scheduling: Scheduling = Scheduling()):
+                 target_slots: dict[str, int], pipeline: bool = False, scheduling: Scheduling | None = None):
+        scheduling = scheduling or Scheduling()
         self.frontends, self.limits, self.executor = frontends, limits, executor
         self.sched = scheduling
         self.draft_slots, self.target_slots = draft_slots, target_slots
@@ -156,7 +157,8 @@ class Scheduler:
         admission order; the other long prompts wait. A resent sequence (outputs already) is not
         held back as a long prompt: it only rebuilds caches it had."""
         sched = self.sched
-        is_long = {s.seq_id: bool(s.pending) and not s.out and len(s.prompt_ids) > sched.long_prompt for s in candidates}
+        is_long = {s.seq_id: bool(s.pending) and not s.out and len(s.prompt_ids) > sched.long_prompt
+                   for s in candidates}
         first_long = next((s for s in candidates if is_long[s.seq_id]), None)
         batch = {t: 0 for t in self.target_slots}  # each target's verify rows
         for s in candidates:
