@@ -21,10 +21,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from s2d.tools.bench import heldout_code
 from s2d.core.config import SamplingParams, load_config, only_targets
 from s2d.core.engine import Engine, Request
 from s2d.core.stats import Breakdown
+from s2d.tools.bench import heldout_code
 
 
 def run_batch(engine: Engine, target: str, prompts: list[str], mode: str, temp: float, max_tokens: int,
@@ -69,12 +69,14 @@ def sweep(engine: Engine, targets, levels, temps, prompts, n_requests: int, max_
 
 
 def markdown(rows: list[dict]) -> str:
-    out = ["| target | T | concurrency | ar tok/s | s2d tok/s | s2d / ar | policy k (last) | s2d ms/tick: draft / verify / engine | engine share (s2d, ar) |",
+    out = ["| target | T | concurrency | ar tok/s | s2d tok/s | s2d / ar | policy k (last) | "
+           "s2d ms/tick: draft / verify / engine | engine share (s2d, ar) |",
            "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         s, a = r["breakdown"]["s2d"], r["breakdown"]["ar"]
-        out.append(f"| {r['target']} | {r['temperature']:g} | {r['concurrency']} | {r['ar_tok_s']:.0f} | {r['s2d_tok_s']:.0f} | "
-                   f"{r['ratio']:.3f}x | {r['policy_k']} | {s['draft_ms']:.2f} / {s['verify_ms']:.2f} / {s['engine_ms']:.2f} | "
+        out.append(f"| {r['target']} | {r['temperature']:g} | {r['concurrency']} | {r['ar_tok_s']:.0f} | "
+                   f"{r['s2d_tok_s']:.0f} | {r['ratio']:.3f}x | {r['policy_k']} | "
+                   f"{s['draft_ms']:.2f} / {s['verify_ms']:.2f} / {s['engine_ms']:.2f} | "
                    f"{100 * s['engine_share']:.0f}%, {100 * a['engine_share']:.0f}% |")
     return "\n".join(out) + "\n"
 
@@ -101,7 +103,8 @@ def main():
     engine = Engine.from_config(only_targets(cfg, targets))  # compiles only what it measures
     levels = [int(x) for x in a.levels.split(",")]
     prompts = heldout_code(Path(cfg.base_dir or "."), 64)
-    rows = sweep(engine, targets, levels, [float(t) for t in a.temperatures.split(",")], prompts, a.requests, a.max_tokens)
+    rows = sweep(engine, targets, levels, [float(t) for t in a.temperatures.split(",")], prompts, a.requests,
+                 a.max_tokens)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "concurrency.json").write_text(json.dumps(rows, indent=1))

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from s2d.tools.bench import median_ms
+
 SHAPE_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                 num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5)
 
@@ -33,7 +34,8 @@ def seven_b(hbm_tb_s: float, context: int = 512) -> list[dict]:
 
     cfg = LlamaConfig(**SHAPE_7B)
     with torch.device("meta"):
-        lm = attach(CausalLM(cfg, n_slots=1, max_len=2048, dtype=torch.bfloat16, devices=("cuda",), static_forward="on"))
+        lm = attach(CausalLM(cfg, n_slots=1, max_len=2048, dtype=torch.bfloat16, devices=("cuda",),
+                             static_forward="on"))
     state = {k: torch.randn(v.shape, dtype=torch.bfloat16, device="cuda") * 0.02 for k, v in lm.state_dict().items()}
     lm.load_weights(state)
     del state
@@ -44,8 +46,10 @@ def seven_b(hbm_tb_s: float, context: int = 512) -> list[dict]:
         toks = [[0] * T]
         eager = median_ms(lambda: lm.logits(lm.run_layers(lm.embed(torch.tensor(toks, device="cuda")),
                                                           lm.batch([0], [context], [T]))))
-        graph = median_ms(lambda: lm.static.run([0], [context], [T], torch.tensor(toks, device="cuda")))  # logits inside
-        kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (context + T) * (cfg.hidden_size // cfg.num_attention_heads) * 2
+        # logits inside
+        graph = median_ms(lambda: lm.static.run([0], [context], [T], torch.tensor(toks, device="cuda")))
+        kv = (2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (context + T)
+              * (cfg.hidden_size // cfg.num_attention_heads) * 2)
         floor = 1000 * (weights + kv) / (hbm_tb_s * 1e12)
         rows.append({"what": "decode 1 token" if T == 1 else f"verify {T} tokens", "eager_ms": round(eager, 3),
                      "graph_ms": round(graph, 3), "floor_ms": round(floor, 3), "x_floor": round(graph / floor, 3),
@@ -55,9 +59,9 @@ def seven_b(hbm_tb_s: float, context: int = 512) -> list[dict]:
 
 
 def demo(out: Path) -> list[dict]:
-    from s2d.tools.bench import find_spec_bench, fits_context, heldout_code, overall, run_bench, spec_bench_prompts
     from s2d.core.config import load_config
     from s2d.core.engine import Engine
+    from s2d.tools.bench import find_spec_bench, fits_context, heldout_code, overall, run_bench, spec_bench_prompts
 
     cfg = load_config("demo").on_device("cuda")
     engine = Engine.from_config(cfg)
@@ -83,15 +87,18 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}\n")
     steps = seven_b(a.hbm_tb_s)
-    print("| 7B-shape bf16 | eager ms | CUDA graph ms | HBM floor ms | graph / floor | tok/s |\n|---|---|---|---|---|---|")
+    print("| 7B-shape bf16 | eager ms | CUDA graph ms | HBM floor ms | graph / floor | tok/s |\n"
+          "|---|---|---|---|---|---|")
     for r in steps:
-        print(f"| {r['what']} | {r['eager_ms']} | {r['graph_ms']} | {r['floor_ms']} | {r['x_floor']}x | {r['tok_s'] or ''} |")
+        print(f"| {r['what']} | {r['eager_ms']} | {r['graph_ms']} | {r['floor_ms']} | {r['x_floor']}x | "
+              f"{r['tok_s'] or ''} |")
     print(f"\nverify of 8 / decode step (graphs): {steps[1]['x_decode']}x\n")
     summary = [] if a.skip_demo else demo(out)
     if summary:
         print("| target | T | method | tok/s | speedup | MAT |\n|---|---|---|---|---|---|")
         for r in summary:
-            print(f"| {r['target']} | {r['temperature']} | {r['mode']} | {r['tokens_per_s']} | {r['speedup']}x | {r['mat']} |")
+            print(f"| {r['target']} | {r['temperature']} | {r['mode']} | {r['tokens_per_s']} | {r['speedup']}x | "
+                  f"{r['mat']} |")
     (out / "gpu_bench.json").write_text(json.dumps({"seven_b": steps, "demo": summary}, indent=1))
 
 

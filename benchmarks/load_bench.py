@@ -26,8 +26,8 @@ from pathlib import Path
 import yaml
 
 from deployments.local import serve_locally, set_local_env, shutdown
-from s2d.tools.bench import code_prompts, heldout_code, heldout_files
 from s2d.core.config import load_config
+from s2d.tools.bench import code_prompts, heldout_code, heldout_files
 from s2d.tools.loadgen import Job, reference_outputs, run_load, summarize
 
 TARGETS, MODES = ["demo-s", "demo-m", "demo-l"], ["s2d", "ar", "fixed:1"]
@@ -84,7 +84,8 @@ def main():
     ap.add_argument("--concurrency", default=None, help="levels, default: the KV-slot count and twice it")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--timeout", type=float, default=120.0, help="per-request deadline, s")
-    ap.add_argument("--scheduling", default=None, help='override the config\'s scheduling, JSON: \'{"long_chunk": 64}\'')
+    ap.add_argument("--scheduling", default=None,
+                    help='override the config\'s scheduling, JSON: \'{"long_chunk": 64}\'')
     ap.add_argument("--parts", default="plateau,hol", help="which parts to run")
     a = ap.parse_args()
     set_local_env()
@@ -133,7 +134,8 @@ def main():
             bg.start()
             outcomes, wall = run_load(address, shorts, 8, a.timeout, duration_s=duration)
             bg.join()
-            hol["beside long"] = {"short": summarize(outcomes, wall, reference), "long": summarize(*box["r"], reference)}
+            hol["beside long"] = {"short": summarize(outcomes, wall, reference),
+                                  "long": summarize(*box["r"], reference)}
             print("hol beside long", hol["beside long"], flush=True)
     finally:
         shutdown()
@@ -158,7 +160,8 @@ def main():
     md += ["", f"Head-of-line blocking: 8 clients sending short prompts (<= 160 characters of held-out code) to "
            f"demo-l, mode s2d, unary, {a.max_tokens} new tokens, for {duration:g} s; beside 4 clients sending long "
            f"prompts (170-line windows of held-out code cut to <= 700 tokens) to demo-l back to back.\n",
-           "| scenario | short completions | short p50 s | short p90 s | short lost / wrong | long completions | long p50 s |",
+           "| scenario | short completions | short p50 s | short p90 s | short lost / wrong | "
+           "long completions | long p50 s |",
            "|---|---|---|---|---|---|---|"]
     for name, r in hol.items():
         s, lg = r["short"], r.get("long")

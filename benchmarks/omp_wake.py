@@ -14,9 +14,9 @@ import time
 
 import torch
 
-from s2d.tools.bench import median_ms
 from s2d.core.config import load_config
 from s2d.core.engine import load_draft, load_target
+from s2d.tools.bench import median_ms
 from s2d.worker.model import pad_tokens
 
 N = 200  # tokens in the cache

@@ -15,12 +15,13 @@ import time
 from pathlib import Path
 
 import s2d.worker.graphs
-from s2d.tools.bench import heldout_code
 from s2d.core.config import SamplingParams, load_config, only_targets
 from s2d.core.engine import Engine, Request
 from s2d.core.stats import Breakdown
+from s2d.tools.bench import heldout_code
 
-RUNS = {"ar": ("ar", "goodput"), "s2d goodput": ("s2d", "goodput"), "s2d static": ("s2d", "static")}  # (mode, draft policy)
+# (mode, draft policy)
+RUNS = {"ar": ("ar", "goodput"), "s2d goodput": ("s2d", "goodput"), "s2d static": ("s2d", "static")}
 
 
 def main(dtype: str, static_forward: str, target: str):
@@ -29,7 +30,8 @@ def main(dtype: str, static_forward: str, target: str):
     cfg = only_targets(cfg, [target])
     t0 = time.time()
     eng = Engine.from_config(cfg)
-    print(f"startup {time.time() - t0:.1f} s, {s2d.worker.graphs.compilations} packages compiled, {s2d.worker.graphs.loaded} loaded", flush=True)
+    print(f"startup {time.time() - t0:.1f} s, {s2d.worker.graphs.compilations} packages compiled, "
+          f"{s2d.worker.graphs.loaded} loaded", flush=True)
     prompts = heldout_code(Path(cfg.base_dir), 6)
 
     def run(name):
@@ -40,7 +42,8 @@ def main(dtype: str, static_forward: str, target: str):
         for i, p in enumerate(prompts):
             t = time.perf_counter()
             r = eng.generate([Request(target=target, prompt=p, mode=mode,
-                                      params=SamplingParams(temperature=0.0, max_tokens=64, seed=i, ignore_eos=True))])[0]
+                                      params=SamplingParams(temperature=0.0, max_tokens=64, seed=i,
+                                                            ignore_eos=True))])[0]
             secs += time.perf_counter() - t
             toks += len(r["token_ids"])
             outs.append(r["token_ids"])
@@ -60,10 +63,11 @@ def main(dtype: str, static_forward: str, target: str):
     print("| run | tok/s | / ar | mean MAT | ms per tick | draft ms | verify ms | engine ms | engine share |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, (tps, mat, bd) in best.items():
-        print(f"| {name} | {tps:.1f} | {tps / best['ar'][0]:.2f}x | {mat:.2f} | {bd['ms_per_tick']:.2f} | {bd['draft_ms']:.2f} | "
-              f"{bd['verify_ms']:.2f} | {bd['engine_ms']:.2f} | {bd['engine_share']:.0%} |")
+        print(f"| {name} | {tps:.1f} | {tps / best['ar'][0]:.2f}x | {mat:.2f} | {bd['ms_per_tick']:.2f} | "
+              f"{bd['draft_ms']:.2f} | {bd['verify_ms']:.2f} | {bd['engine_ms']:.2f} | {bd['engine_share']:.0%} |")
     same = {name: sum(a == b for a, b in zip(outs["ar"], outs[name])) for name in RUNS if name != "ar"}
-    print(f"\nidentical to ar: {same} of {len(prompts)}; compiled while generating: {s2d.worker.graphs.compilations - before}")
+    print(f"\nidentical to ar: {same} of {len(prompts)}; "
+          f"compiled while generating: {s2d.worker.graphs.compilations - before}")
 
 
 if __name__ == "__main__":

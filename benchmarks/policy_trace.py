@@ -17,10 +17,10 @@ import logging
 import time
 from pathlib import Path
 
-from s2d.tools.bench import heldout_code
 from s2d.core.config import SamplingParams, load_config, only_targets
 from s2d.core.engine import Engine, Request
 from s2d.core.policy import RoundCosts
+from s2d.tools.bench import heldout_code
 
 
 def main():

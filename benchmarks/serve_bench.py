@@ -6,7 +6,8 @@ busy fractions in the cell. `--protocols grpc,http` also sends the same requests
 OpenAI HTTP API (the official client), for what the HTTP ingress costs against gRPC. A benchmark,
 not a test.
 
-    python benchmarks/serve_bench.py --config demo [--max-tokens 32] [--concurrency 1,8,32] [--protocols grpc,http] [--out runs/serve]
+    python benchmarks/serve_bench.py --config demo [--max-tokens 32] [--concurrency 1,8,32]
+        [--protocols grpc,http] [--out runs/serve]
 """
 from __future__ import annotations
 
@@ -19,10 +20,10 @@ from pathlib import Path
 import yaml
 
 from deployments.local import deploy, free_port, serve_locally, shutdown
-from s2d.tools.bench import code_prompts, heldout_code
 from s2d.api.client import S2DClient
 from s2d.core.config import SamplingParams, load_config
 from s2d.core.engine import Engine, Request
+from s2d.tools.bench import code_prompts, heldout_code
 
 WORKLOADS = {"demo-l": ["demo-l"], "mixed": ["demo-s", "demo-m", "demo-l"]}
 
@@ -147,7 +148,8 @@ def main():
           "|---|---|---|---|" + "---|" * len(variants)]
     for (w, m, c), r in rows.items():
         ip = r["in-process"]
-        md.append(f"| {w} | {m} | {c} | {ip:.1f} | " + " | ".join(f"{r[v]:.1f} ({r[v] / ip:.2f})" for v in variants) + " |")
+        md.append(f"| {w} | {m} | {c} | {ip:.1f} | "
+                  + " | ".join(f"{r[v]:.1f} ({r[v] / ip:.2f})" for v in variants) + " |")
     md += ["", "Busy fractions of the draft and the targets (time in ticks / wall time):\n",
            "| workload | mode | concurrency | " + " | ".join(variants) + " |", "|---|---|---|" + "---|" * len(variants)]
     for (w, m, c), r in rows.items():
@@ -155,7 +157,8 @@ def main():
                  for v in variants]
         md.append(f"| {w} | {m} | {c} | " + " | ".join(cells) + " |")
     if "ar" in modes and "s2d" in modes:
-        md += ["", "| workload | concurrency | s2d/ar in-process | " + " | ".join(f"s2d/ar {v}" for v in variants) + " |",
+        md += ["",
+               "| workload | concurrency | s2d/ar in-process | " + " | ".join(f"s2d/ar {v}" for v in variants) + " |",
                "|---|---|---|" + "---|" * len(variants)]
         for w in workloads:
             for c in levels:

@@ -13,10 +13,9 @@ import argparse
 import torch
 
 import s2d.worker.graphs
-
-from s2d.tools.bench import median_ms
 from s2d.core.config import load_config
 from s2d.core.engine import load_draft, load_target
+from s2d.tools.bench import median_ms
 from s2d.worker.model import pad_tokens
 
 WIDTHS = (1, 2, 3, 4, 5, 6, 8, 12, 16)

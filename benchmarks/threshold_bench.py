@@ -17,11 +17,11 @@ import argparse
 import time
 from pathlib import Path
 
-from s2d.tools.bench import heldout_code
 from s2d.core.config import Profile, SamplingParams, load_config
 from s2d.core.engine import Engine, Request
-from s2d.core.stats import SpecStats
 from s2d.core.policy import modelled_tokens_per_s, pinned_costs
+from s2d.core.stats import SpecStats
+from s2d.tools.bench import heldout_code
 
 
 def main():
@@ -61,8 +61,8 @@ def main():
                 else:
                     tps = sum(len(r["token_ids"]) for r in part) / (time.perf_counter() - t0)
                 t0 = time.perf_counter()
-                print(f"| {name} | {i + 1} | {[round(x, 2) for x in policy.current]} | {policy.last_k} | {st.mat:.2f} | "
-                      f"{dict(sorted(st.exits.items()))} | {tps:.0f} |")
+                print(f"| {name} | {i + 1} | {[round(x, 2) for x in policy.current]} | {policy.last_k} | "
+                      f"{st.mat:.2f} | {dict(sorted(st.exits.items()))} | {tps:.0f} |")
 
 
 if __name__ == "__main__":

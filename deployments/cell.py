@@ -11,8 +11,8 @@ from collections.abc import AsyncIterator
 
 from ray import serve
 
-from deployments.ray_executor import RayExecutor
 from deployments.metrics import LoadMetrics
+from deployments.ray_executor import RayExecutor
 from s2d.core.config import EngineConfig
 from s2d.core.engine import engine_core, load_in_process
 from s2d.core.loop import EngineLoop

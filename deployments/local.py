@@ -34,7 +34,8 @@ def serve_locally(config: str, num_cpus: int | None = None, http_port: int | Non
     ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
              **(metrics if metrics_port else {}))
     serve.start(http_options={"host": "127.0.0.1", "port": http_port or free_port()},
-                grpc_options={"port": port, "grpc_servicer_functions": ["s2d.proto.servicer.add_S2DServicer_to_server"]})
+                grpc_options={"port": port,
+                              "grpc_servicer_functions": ["s2d.proto.servicer.add_S2DServicer_to_server"]})
     deploy(config)
     return f"127.0.0.1:{port}"
 

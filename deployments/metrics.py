@@ -61,12 +61,16 @@ class RequestMetrics:
         self.prompt_tokens = _counter("s2d_prompt_tokens", "Prompt tokens of finished requests")
         self.finished = _counter("s2d_requests_finished", "Finished requests", "finish_reason")
         self.failed = Counter("s2d_requests_failed", description="Requests ended with an error, by protocol and "
-                              "status (gRPC status names, OpenAI error codes)", tag_keys=("target", "protocol", "status"))
-        self.ttft = _histogram("s2d_time_to_first_token_seconds", "Arrival in the scheduler to the first token", LATENCY_S)
+                              "status (gRPC status names, OpenAI error codes)",
+                              tag_keys=("target", "protocol", "status"))
+        self.ttft = _histogram("s2d_time_to_first_token_seconds",
+                               "Arrival in the scheduler to the first token", LATENCY_S)
         self.itl = _histogram("s2d_inter_token_latency_seconds",
                         "Gap between a request's rounds that emitted tokens (one round may emit several)", ITL_S)
-        self.e2e = _histogram("s2d_e2e_request_latency_seconds", "Arrival in the scheduler to the last token", LATENCY_S)
-        self.queue = _histogram("s2d_request_queue_seconds", "Arrival in the scheduler to admission (a KV slot)", LATENCY_S)
+        self.e2e = _histogram("s2d_e2e_request_latency_seconds",
+                              "Arrival in the scheduler to the last token", LATENCY_S)
+        self.queue = _histogram("s2d_request_queue_seconds",
+                                "Arrival in the scheduler to admission (a KV slot)", LATENCY_S)
         self.mat = _histogram("s2d_mean_accepted_tokens", "Per request: tokens emitted per target forward (MAT)", MAT)
 
     @_never_raises

@@ -21,11 +21,21 @@ from ray.serve.handle import DeploymentHandle
 from deployments.http import OpenAIRoutes, app
 from deployments.metrics import RequestMetrics
 from s2d.core.config import EngineConfig
-from s2d.worker.draft import read_exits
+from s2d.core.request import (
+    DeadlineExceeded,
+    Request,
+    RequestError,
+    RequestFailed,
+    Unavailable,
+    UnknownTarget,
+    cause_of,
+    internal_message,
+    parse_request,
+    status_of,
+)
 from s2d.proto import s2d_pb2 as pb
 from s2d.proto.servicer import Undecodable
-from s2d.core.request import (DeadlineExceeded, Request, RequestError, RequestFailed, Unavailable, UnknownTarget,
-                              cause_of, internal_message, parse_request, status_of)
+from s2d.worker.draft import read_exits
 
 log = logging.getLogger("ray.serve")
 REPLICA_LOST = (ActorDiedError, ActorUnavailableError, RayActorError)
@@ -50,7 +60,8 @@ def to_request(r: pb.GenerateRequest | Undecodable, cfg: EngineConfig) -> Reques
 
 
 def stats_pb(s: dict) -> pb.SpecStats:
-    return pb.SpecStats(drafted=s["drafted"], accepted=s["accepted"], mat=s["mat"], target_forwards=s["target_forwards"],
+    return pb.SpecStats(drafted=s["drafted"], accepted=s["accepted"], mat=s["mat"],
+                        target_forwards=s["target_forwards"],
                         exit_histogram={int(k): v for k, v in s["exit_histogram"].items()},
                         acceptance_per_position=s["acceptance_per_position"], wall_s=s["wall_s"],
                         proposed_at=s["proposed_at"], accepted_at=s["accepted_at"])

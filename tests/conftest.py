@@ -11,8 +11,8 @@ import torch
 
 from deployments.local import set_local_env
 from s2d.core.config import EngineConfig
-from s2d.worker.draft import make_draft
 from s2d.train.tiny import llama_config, save_random_model, train_tokenizer
+from s2d.worker.draft import make_draft
 
 set_local_env()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -73,7 +73,7 @@ def smollm2(tmp_path_factory) -> Path:
 
 PROMPTS = [
     "def ", "import json", "class JSONDecoder(object):", "    return", "x = [1, 2, 3]\n", "if __name__ == '__main__':",
-    "\"\"\"Docstring.\"\"\"", "for i in range(10):", "try:\n    pass\nexcept", "raise ValueError(", "self.", "# comment",
+    '"""Docstring."""', "for i in range(10):", "try:\n    pass\nexcept", "raise ValueError(", "self.", "# comment",
     "print('hello')", "while True:", "with open(f) as fh:", "lambda x: x", "from . import", "yield from",
     "assert x == y", "del d[k]", "global _default", "async def main():", "await", "@property", "elif s[0] == 'n':",
     "else:", "return obj", "import re", "s = ''", "n += 1", "def encode(o):", "def decode(s):", "JSON", "{}", "[]",

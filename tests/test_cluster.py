@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CRD = ROOT.parent / "shared" / "data" / "kuberay" / "ray.io_rayservices.yaml"
 
 
-@pytest.mark.skipif(not CRD.exists(), reason=f"KubeRay's CRD is not at {CRD} (../shared/data/kuberay, this workspace only)")
+@pytest.mark.skipif(not CRD.exists(),
+                    reason=f"KubeRay's CRD is not at {CRD} (../shared/data/kuberay, this workspace only)")
 def test_rayservice_validates_against_the_kuberay_crd():
     crd = yaml.safe_load(CRD.read_text())
     schema = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
@@ -28,7 +29,8 @@ def test_gpu_engine_config_places_the_family_in_two_cells():
     cfg = EngineConfig.model_validate(yaml.safe_load((ROOT / "cluster" / "engine.gpu.yaml").read_text()))
     big = cfg.target("llama-2-70b-chat")
     assert big.num_gpus == 4 and len(big.placement) == 4 and cfg.draft.num_gpus == 1
-    assert cfg.cell_of("llama-2-70b-chat").name == "70b" and cfg.cell_of("vicuna-7b").targets == ["vicuna-7b", "vicuna-13b"]
+    assert (cfg.cell_of("llama-2-70b-chat").name == "70b"
+            and cfg.cell_of("vicuna-7b").targets == ["vicuna-7b", "vicuna-13b"])
     # the cell's own bundle, the draft's, each target's: every cell holds a draft
     assert [b.get("GPU", 0) for b in cell_bundles(cfg, "family")] == [0, 1, 1, 1]
     assert [b.get("GPU", 0) for b in cell_bundles(cfg, "70b")] == [0, 1, 4]
@@ -39,7 +41,8 @@ def test_cells_default_to_one_and_must_cover_every_target_once():
     assert [(c.name, c.targets) for c in EngineConfig.model_validate(base).cells] == [("main", ["a", "b"])]
     for cells, match in [([{"name": "c1", "targets": ["a"]}], "exactly one cell"),
                          ([{"name": "c1", "targets": ["a", "zz"]}], "unknown targets"),
-                         ([{"name": "c1", "targets": ["a"]}, {"name": "c2", "targets": ["a", "b"]}], "exactly one cell")]:
+                         ([{"name": "c1", "targets": ["a"]}, {"name": "c2", "targets": ["a", "b"]}],
+                          "exactly one cell")]:
         with pytest.raises(ValueError, match=match):
             EngineConfig.model_validate({**base, "cells": cells})
 

@@ -4,12 +4,11 @@ serve."""
 from __future__ import annotations
 
 import pytest
+from conftest import PROMPTS, make_config
 
 import s2d.worker.graphs
 from s2d.core.config import SamplingParams
 from s2d.core.engine import Engine, Request
-
-from conftest import PROMPTS, make_config
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +35,8 @@ def test_compiled_equals_eager_token_for_token(family, compiled_engine, mode):
     reqs = ragged(mode)
     before = s2d.worker.graphs.compilations + s2d.worker.graphs.loaded
     got = compiled_engine.generate(reqs)
-    assert s2d.worker.graphs.compilations + s2d.worker.graphs.loaded == before  # shapes never seen at startup reuse its graphs
+    # shapes never seen at startup reuse its graphs
+    assert s2d.worker.graphs.compilations + s2d.worker.graphs.loaded == before
     want = eager.generate(ragged(mode))
     for r, g, w in zip(reqs, got, want):
         assert g["token_ids"] == w["token_ids"], (mode, r.target, r.prompt)

@@ -9,13 +9,12 @@ import sys
 
 import pytest
 import yaml
+from conftest import PROMPTS, make_config
 from pydantic import ValidationError
 
 from s2d.core.config import EngineConfig, Limits, SamplingParams, load_config
 from s2d.core.engine import Engine, Request, greedy
 from s2d.core.request import RequestError, UnknownTarget
-
-from conftest import PROMPTS, make_config
 
 
 @pytest.fixture(scope="module")
@@ -148,12 +147,14 @@ def test_stop_string_ends_the_text(engine):
     req = Request(target="small", prompt="class A", params=greedy(40, ignore_eos=True))
     full = engine.generate([req])[0]["text"]
     stop = full[5:8]
-    res = engine.generate([Request(target="small", prompt="class A", params=greedy(40, stop=[stop], ignore_eos=True))])[0]
+    res = engine.generate([Request(target="small", prompt="class A",
+                                   params=greedy(40, stop=[stop], ignore_eos=True))])[0]
     assert res["finish_reason"] == "stop" and res["text"] == full[: full.find(stop)]
 
 
 def test_stats_count_what_happened(engine):
-    res = engine.generate([Request(target="small", prompt="for i in range(10):", params=greedy(32, ignore_eos=True))])[0]
+    res = engine.generate([Request(target="small", prompt="for i in range(10):",
+                                   params=greedy(32, ignore_eos=True))])[0]
     s = res["stats"]
     assert s["mat"] == pytest.approx(32 / s["target_forwards"], rel=0.2)
     assert sum(s["exit_histogram"].values()) == s["drafted"] and s["accepted"] <= s["drafted"]

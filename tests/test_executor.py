@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import pytest
 import ray
+from conftest import PROMPTS, make_config
 
 from deployments.ray_executor import RayExecutor
 from s2d.core.config import SamplingParams
 from s2d.core.engine import Engine, Request, engine_core, greedy
 from s2d.core.engine_core import EngineCore
-
-from conftest import PROMPTS, make_config
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +33,8 @@ def requests() -> list[Request]:
     out = []
     for i, p in enumerate(PROMPTS[:6]):
         t = ("small", "large")[i % 2]
-        out.append(Request(target=t, prompt=p, params=greedy(12, ignore_eos=True), mode=("s2d", "ar", "fixed:2")[i % 3]))
+        out.append(Request(target=t, prompt=p, params=greedy(12, ignore_eos=True),
+                           mode=("s2d", "ar", "fixed:2")[i % 3]))
         out.append(Request(target=t, prompt=p, params=SamplingParams(temperature=0.9, top_p=0.95, seed=100 + i,
                                                                      max_tokens=12, ignore_eos=True)))
     return out

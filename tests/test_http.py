@@ -18,13 +18,12 @@ import pytest
 import ray
 import requests
 import yaml
+from conftest import PROMPTS, make_config
 from prometheus_client.parser import text_string_to_metric_families
 
 from deployments.local import free_port, serve_locally, shutdown
 from s2d.api.client import S2DClient
 from s2d.core.engine import Engine, Request, greedy
-
-from conftest import PROMPTS, make_config
 
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>{% endif %}")
@@ -144,7 +143,8 @@ def test_chat_through_the_template_equals_the_engine(app, config):
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == want["text"]
     parts = [{"role": "user", "content": [{"type": "text", "text": "def "}, {"type": "text", "text": "parse(s):"}]}]
     joined = [{"role": "user", "content": "def parse(s):"}]
-    a, b = (app.client.chat.completions.create(model="chat", messages=m, temperature=0, max_tokens=6) for m in (parts, joined))
+    a, b = (app.client.chat.completions.create(model="chat", messages=m, temperature=0, max_tokens=6)
+            for m in (parts, joined))
     assert a.choices[0].message.content == b.choices[0].message.content
 
 
@@ -217,7 +217,8 @@ BODIES = [  # (what, body bytes, status, the parameter the message names)
     ("deeply nested", b'{"model": "small", "prompt": "x", "metadata": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
      400, "request"),
     ("a 6 MB body", json.dumps({"model": "small", "prompt": "x" * 6_000_000}).encode(), 413, "request"),
-    ("a prompt over the text limit", json.dumps({"model": "small", "prompt": "x" * 1_100_000}).encode(), 400, "request"),
+    ("a prompt over the text limit", json.dumps({"model": "small", "prompt": "x" * 1_100_000}).encode(), 400,
+     "request"),
 ]
 
 
@@ -235,7 +236,8 @@ def test_bad_bodies_get_a_4xx_that_names_the_problem_and_the_server_keeps_servin
 def test_denormal_temperature_is_greedy(app):
     body = b'{"model": "small", "prompt": "def ", "max_tokens": 8, "temperature": 5e-324}'
     r = app.post("/v1/completions", body)
-    assert r.status_code == 200 and r.json()["choices"][0]["text"] == complete(app, "def ", max_tokens=8).choices[0].text
+    assert (r.status_code == 200
+            and r.json()["choices"][0]["text"] == complete(app, "def ", max_tokens=8).choices[0].text)
 
 
 def test_unknown_path_and_method_get_openai_shape(app):
@@ -265,7 +267,8 @@ def test_deadline_is_504_before_and_an_error_event_after_the_first_token(app):
 def test_overload_is_429_with_retry_after(app):
     def call(i):
         try:
-            return complete(app, PROMPTS[i % 8], model="large", max_tokens=96, extra_body={"ignore_eos": True}).choices[0].finish_reason
+            return complete(app, PROMPTS[i % 8], model="large", max_tokens=96,
+                            extra_body={"ignore_eos": True}).choices[0].finish_reason
         except openai.RateLimitError as e:
             assert e.response.headers["retry-after"] == "1" and e.body["code"] == "overloaded"
             return 429

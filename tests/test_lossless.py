@@ -5,22 +5,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import PROMPTS, make_config
 from scipy.stats import chisquare
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import s2d.worker.rejection
-from s2d.tools.bench import heldout_code
 from s2d.core.config import SamplingParams, load_config
-from s2d.worker.draft import SortedDraft
 from s2d.core.engine import Engine, Request, greedy
+from s2d.core.sequence import encode_prompt
+from s2d.tools.bench import heldout_code
+from s2d.train.tiny import llama_config, save_random_model
+from s2d.worker.draft import SortedDraft
 from s2d.worker.model import CausalLM
 from s2d.worker.rejection import verify_sampled
 from s2d.worker.sampling import generator
-from s2d.core.sequence import encode_prompt
-from s2d.train.tiny import llama_config, save_random_model
 from s2d.worker.workers import ProposeItem, Proposer, Verifier, VerifyItem
-
-from conftest import PROMPTS, make_config
 
 N_NEW = 16
 
@@ -49,7 +48,8 @@ def engine(family):
 
 
 def requests(mode, targets=("small", "large"), prompts=PROMPTS):
-    return [Request(target=t, prompt=p, params=greedy(N_NEW, ignore_eos=True), mode=mode) for p in prompts for t in targets]
+    return [Request(target=t, prompt=p, params=greedy(N_NEW, ignore_eos=True), mode=mode)
+            for p in prompts for t in targets]
 
 
 @pytest.mark.parametrize("mode", ["s2d", "fixed:1", "fixed:2", "fixed:3", "ar"])
@@ -139,7 +139,8 @@ def test_long_accepted_runs_are_not_charged_as_prefill(family):
             break
         eng.step()
     assert all(s.finished for s in seqs), [len(s.out) for s in seqs]
-    ar = Engine.from_config(cfg).generate([Request(target="small", prompt=r.prompt, params=r.params, mode="ar") for r in reqs])
+    ar = Engine.from_config(cfg).generate([Request(target="small", prompt=r.prompt, params=r.params, mode="ar")
+                                           for r in reqs])
     assert [s.out for s in seqs] == [r["token_ids"] for r in ar]
     assert sum(s.stats.accepted for s in seqs) > 4 * 40
 
@@ -300,7 +301,8 @@ DTYPES = ["float32", "bfloat16"]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_k=5, top_p=0.9)])
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0),
+                                    SamplingParams(temperature=0.7, top_k=5, top_p=0.9)])
 def test_sampled_output_follows_target_distribution(tiny_vocab, params, dtype):
     pairs = first_two_tokens(tiny_vocab, N_SAMPLES, params, [0.6, 0.0], dtype)
     assert chi2_pvalue(pairs, target_joint(tiny_vocab, params, dtype)) > SIGNIFICANCE

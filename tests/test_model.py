@@ -7,11 +7,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from s2d.core.config import SamplingParams
+from s2d.train.tiny import llama_config, save_random_model
 from s2d.worker.draft import SortedDraft
 from s2d.worker.model import CausalLM, pad_tokens
-from s2d.train.tiny import llama_config, save_random_model
 from s2d.worker.workers import ProposeItem, Proposer
-from s2d.core.config import SamplingParams
 
 FAMILIES = {
     "llama": dict(family="llama", kv_heads=4, tie_word_embeddings=False),

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from s2d.core.config import Limits
 from s2d.api.openai_api import APIError, as_api_error, chunk, parse_call, read_body, usage_chunk
-from s2d.core.request import (DeadlineExceeded, DuplicateRequest, Overloaded, RequestError, RequestFailed, Unavailable,
-                         UnknownTarget)
+from s2d.core.config import Limits
+from s2d.core.request import (
+    DeadlineExceeded,
+    DuplicateRequest,
+    Overloaded,
+    RequestError,
+    RequestFailed,
+    Unavailable,
+    UnknownTarget,
+)
 
 LIMITS = Limits(max_new_tokens=300)
 
@@ -21,7 +28,8 @@ def test_completion_defaults_follow_openai():
 
 def test_chat_defaults_to_what_the_limit_allows_and_joins_text_parts():
     c = parse_call({"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "a"},
-                                                                          {"type": "text", "text": "b"}]}]}, True, LIMITS)
+                                                                          {"type": "text", "text": "b"}]}]},
+                   True, LIMITS)
     assert c.request.params.max_tokens == 300 and c.request.fit_context and not c.request.raw
     assert c.request.messages == [{"role": "user", "content": "ab"}] and c.id.startswith("chatcmpl-")
 
@@ -30,14 +38,16 @@ def test_an_earlier_answer_sent_back_is_accepted_and_tool_calls_refused():
     answer = {"role": "assistant", "content": None, "refusal": None, "tool_calls": None, "name": "bot"}
     c = parse_call({"model": "m", "messages": [{"role": "user", "content": "hi", "name": "ann"}, answer]}, True, LIMITS)
     assert c.request.messages == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]
-    for bad, param in [({"tool_calls": [{"id": "1"}]}, "messages.1.tool_calls"), ({"role": "user"}, "messages.1.content")]:
+    for bad, param in [({"tool_calls": [{"id": "1"}]}, "messages.1.tool_calls"),
+                       ({"role": "user"}, "messages.1.content")]:
         with pytest.raises(APIError) as e:
             parse_call({"model": "m", "messages": [{"role": "user", "content": "hi"}, answer | bad]}, True, LIMITS)
         assert e.value.status == 400 and e.value.param == param
 
 
 def test_stream_chunks_carry_null_usage_only_when_usage_is_asked():
-    asked = parse_call({"model": "m", "prompt": "x", "stream": True, "stream_options": {"include_usage": True}}, False, LIMITS)
+    asked = parse_call({"model": "m", "prompt": "x", "stream": True, "stream_options": {"include_usage": True}},
+                       False, LIMITS)
     plain = parse_call({"model": "m", "prompt": "x", "stream": True}, False, LIMITS)
     assert chunk(asked, "a")["usage"] is None and "usage" not in chunk(plain, "a")
     last = usage_chunk(asked, {"prompt_tokens": 2, "completion_tokens": 3})
@@ -70,7 +80,8 @@ def test_refusals_name_the_parameter(body, param):
 
 def test_read_body_refuses_what_is_not_a_json_object():
     assert read_body(b'{"a": 1}', LIMITS) == {"a": 1}
-    for raw, status in [(b"{", 400), (b"[1]", 400), (b'"x"', 400), (b"\xff", 400), (b"x" * ((4 << 20) + 1), 413), (b"x" * (4 << 20), 400)]:
+    for raw, status in [(b"{", 400), (b"[1]", 400), (b'"x"', 400), (b"\xff", 400), (b"x" * ((4 << 20) + 1), 413),
+                        (b"x" * (4 << 20), 400)]:
         with pytest.raises(APIError) as e:
             read_body(raw, LIMITS)
         assert e.value.status == status and e.value.message.startswith("request: ")

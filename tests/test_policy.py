@@ -10,12 +10,20 @@ from pathlib import Path
 
 import pytest
 
-from s2d.tools.bench import heldout_code
 from s2d.core.config import Profile, SamplingParams, load_config
 from s2d.core.engine import Engine, Request
 from s2d.core.executor import DraftPart, TickResult, Verified
-from s2d.core.policy import (OFF_BUDGET, Acceptance, DraftPolicy, Row, StepCosts, TargetPolicy, modelled_tokens_per_s,
-                        pinned_costs)
+from s2d.core.policy import (
+    OFF_BUDGET,
+    Acceptance,
+    DraftPolicy,
+    Row,
+    StepCosts,
+    TargetPolicy,
+    modelled_tokens_per_s,
+    pinned_costs,
+)
+from s2d.tools.bench import heldout_code
 from s2d.worker.workers import Forward
 
 MS = 1e-3
@@ -174,7 +182,8 @@ def test_online_thresholds_converge_from_a_bad_profile(demo, start):
     demo.scheduler.policy.costs = pinned_costs("demo-l", 3)
     policy = demo.scheduler.policy.targets["demo-l", True]  # greedy requests
     prompts = heldout_code(Path(load_config("demo").base_dir), 20)
-    results = [demo.generate([Request(target="demo-l", prompt=p, params=SamplingParams(max_tokens=48, ignore_eos=True))])[0]
+    results = [demo.generate([Request(target="demo-l", prompt=p,
+                                      params=SamplingParams(max_tokens=48, ignore_eos=True))])[0]
                for p in prompts]
     assert 0.1 <= policy.current[0] <= 0.8 and policy.current[1] <= 0.7, policy.current
     goodput = [modelled_tokens_per_s(part, demo.scheduler.policy.costs, "demo-l", demo.exits)

@@ -11,15 +11,14 @@ from itertools import zip_longest
 import grpc
 import pytest
 import yaml
+from conftest import PROMPTS, make_config, served
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from s2d.api.client import S2DClient
 from s2d.core.engine import Engine, Request, greedy
-from s2d.tools.loadgen import Job, reference_outputs, run_load, summarize
 from s2d.proto import s2d_pb2 as pb
-
-from conftest import PROMPTS, make_config, served
+from s2d.tools.loadgen import Job, reference_outputs, run_load, summarize
 
 IA, NF, AE = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS
 LIMITS = {"max_prompt_tokens": 128, "max_new_tokens": 64, "max_stop": 4, "max_stop_chars": 32, "max_messages": 4,
@@ -76,7 +75,8 @@ CATALOGUE = [
     ("prompt not UTF-8", bad_utf8(msg(prompt="x QQQQ y")), IA, "prompt"),
     ("prompt over max_prompt_tokens", msg(prompt=LONG_CODE), IA, "prompt"),
     ("request over max_request_bytes", msg(prompt="x" * 5000), IA, "request"),
-    ("prompt + max_tokens past the context", msg(prompt=LONG_CODE[:250], max_tokens=64, target="large"), IA, "max_tokens"),
+    ("prompt + max_tokens past the context", msg(prompt=LONG_CODE[:250], max_tokens=64, target="large"), IA,
+     "max_tokens"),
     ("messages without a chat template", msg(messages=[{"role": "user", "content": "hi"}]), IA, "messages"),
     ("message with an empty role", msg(messages=[{"role": "", "content": "hi"}]), IA, "messages.0.role"),
     ("message role with a tab", msg(messages=[{"role": "us\ter", "content": "hi"}]), IA, "messages.0.role"),
@@ -131,7 +131,8 @@ def call(client: S2DClient, data: bytes, stream: bool, timeout: float = 60):
             chunks = list(rpc(data, timeout=timeout))
             assert chunks and chunks[-1].finished, "a stream that ended OK must end with its final chunk"
             return grpc.StatusCode.OK, "", sum((list(c.token_ids) for c in chunks), [])
-        rpc = client.channel.unary_unary(method, request_serializer=None, response_deserializer=pb.GenerateResponse.FromString)
+        rpc = client.channel.unary_unary(method, request_serializer=None,
+                                         response_deserializer=pb.GenerateResponse.FromString)
         r = rpc(data, timeout=timeout)
         assert r.finish_reason, r
         return grpc.StatusCode.OK, "", list(r.token_ids)
@@ -144,7 +145,8 @@ def test_catalogue_of_malformed_requests_on_unary_and_stream(server):
     for what, data, code, field in CATALOGUE:
         for stream in (False, True):
             got, details, _ = call(server, data, stream)
-            rows.append(f"| {what} | {'stream' if stream else 'unary'} | {code.name} `{field}` | {got.name}: {details[:70]} |")
+            rows.append(f"| {what} | {'stream' if stream else 'unary'} | {code.name} `{field}` | "
+                        f"{got.name}: {details[:70]} |")
             assert got == code and details.startswith(field + ":"), (what, stream, got, details)
     print("\n| request | RPC | expected | got |\n|---|---|---|---|\n" + "\n".join(rows))
     health = server.channel.unary_unary("/s2d.v1.S2D/Health", request_serializer=None,
@@ -179,7 +181,8 @@ requests = st.fixed_dictionaries({}, optional={
     "temperature": floats, "top_p": floats, "top_k": ints32,
     "seed": st.one_of(st.none(), st.integers(-INT64, INT64 - 1)),
     "stop": st.lists(texts, max_size=6),
-    "mode": st.one_of(st.sampled_from(["s2d", "ar", "fixed:1", "fixed:3", "fixed:9", "", "fixed:"]), st.text(max_size=8)),
+    "mode": st.one_of(st.sampled_from(["s2d", "ar", "fixed:1", "fixed:3", "fixed:9", "", "fixed:"]),
+                      st.text(max_size=8)),
     "request_id": st.one_of(st.text(max_size=10), st.just("")),
     "raw": st.booleans(),
 })
@@ -219,7 +222,8 @@ EDGE_VALID = [  # accepted, and must complete: numbers at the edges, control cha
 
 
 def test_bad_and_edge_requests_interleaved_leave_greedy_outputs_exact(server, engine):
-    good = [Request(target=("small", "large")[i % 2], prompt=PROMPTS[i], params=greedy(N), mode=("s2d", "ar")[i % 3 == 0])
+    good = [Request(target=("small", "large")[i % 2], prompt=PROMPTS[i], params=greedy(N),
+                    mode=("s2d", "ar")[i % 3 == 0])
             for i in range(16)]
     want = [r["token_ids"] for r in engine.generate(good)]
     goods = [("good", msg(target=r.target, prompt=r.prompt, max_tokens=N, mode=r.mode)) for r in good]
@@ -231,7 +235,7 @@ def test_bad_and_edge_requests_interleaved_leave_greedy_outputs_exact(server, en
     got = {data: out for kind, data, out in results if kind == "good"}
     for (_, data), w in zip(goods, want):
         assert got[data][0] == grpc.StatusCode.OK and got[data][2] == w
-    for kind, data, (code, details, _) in results:
+    for kind, _data, (code, details, _) in results:
         if kind == "edge":
             assert code == grpc.StatusCode.OK, details
         if kind == "bad":

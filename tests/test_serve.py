@@ -12,11 +12,10 @@ import grpc
 import pytest
 import ray
 import yaml
+from conftest import PROMPTS, make_config, served
 from ray import serve
 
 from s2d.core.engine import Engine, Request, greedy
-
-from conftest import PROMPTS, make_config, served
 
 N = 16
 TARGETS = ("small", "large", "other")
@@ -107,7 +106,8 @@ def test_errors_map_to_status_codes_and_the_server_keeps_serving(server, expecte
              ({"target": "small", "prompt": "x", "temperature": -1.0}, grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
              ({"target": "small", "prompt": "x", "top_p": 0.0}, grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
              ({"target": "small", "prompt": ""}, grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
-             ({"target": "small", "prompt": "x", "max_tokens": 100_000}, grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+             ({"target": "small", "prompt": "x", "max_tokens": 100_000}, grpc.StatusCode.INVALID_ARGUMENT,
+              "max_tokens"),
              ({"target": "small", "prompt": "x", "mode": "fixed:9"}, grpc.StatusCode.INVALID_ARGUMENT, "mode")]
     for kw, code, field in cases:
         with pytest.raises(grpc.RpcError) as e:

@@ -9,15 +9,14 @@ import sysconfig
 from pathlib import Path
 
 import torch
+from conftest import STDLIB, stdlib_texts
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from s2d.tools.bench import find_spec_bench, spec_bench_prompts
 from s2d.train.demo import corpus_files
-from s2d.worker.draft import SortedDraft, read_exits
 from s2d.train.soft import TrainArgs, encode_document, pack, train
-
-from conftest import STDLIB, stdlib_texts
+from s2d.worker.draft import SortedDraft, read_exits
 
 
 def small_data(family, seq_len=32):
@@ -39,8 +38,9 @@ def test_resume_after_interruption_gives_the_same_weights(family, tmp_path):
 
 def test_train_draft_cli_soft_trains_every_exit(family, tmp_path):
     out = tmp_path / "draft"
-    subprocess.run([sys.executable, "-m", "s2d.tools.cli", "train-draft", "--from", str(family["small"]), "--layers", "3",
-                    "--exits", "1,2,3", "--data", str(STDLIB / "json"), "--eval-data", str(STDLIB / "json" / "tool.py"),
+    subprocess.run([sys.executable, "-m", "s2d.tools.cli", "train-draft", "--from", str(family["small"]),
+                    "--layers", "3", "--exits", "1,2,3", "--data", str(STDLIB / "json"),
+                    "--eval-data", str(STDLIB / "json" / "tool.py"),
                     "--max-steps", "3", "--seq-len", "32", "--batch-size", "2", "--out", str(out)],
                    check=True, capture_output=True)
     assert read_exits(out) == [1, 2, 3]
@@ -80,8 +80,8 @@ def test_build_demo_quick_then_bench_quick(tmp_path):
     for i in range(3):
         (docs / f"page{i}.rst.txt").write_text(prose)
     # the GPU recipe's code path (bf16 autocast, held-out loss at intervals) runs on CPU too
-    subprocess.run([sys.executable, "-m", "s2d.tools.cli", "build-demo", "--quick", "--recipe", "gpu", "--out", str(demo),
-                    "--docs", str(docs)], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "s2d.tools.cli", "build-demo", "--quick", "--recipe", "gpu",
+                    "--out", str(demo), "--docs", str(docs)], check=True, capture_output=True)
     assert {p.name for p in demo.iterdir()} >= {"demo-s", "demo-m", "demo-l", "demo-draft", "demo.yaml"}
     card = (demo / "demo-draft" / "README.md").read_text()
     assert "build-demo --quick --recipe gpu" in card and "Python docs" in card and "bf16 autocast" in card
@@ -95,4 +95,5 @@ def test_build_demo_quick_then_bench_quick(tmp_path):
     modes = {r["mode"] for r in result["overall"]}
     assert modes == {"ar", "fixed:1", "fixed:2", "fixed:3", "s2d"}
     assert all(r["speedup"] > 0 and r["mat"] >= 1.0 for r in result["overall"])
-    assert (out / "speedup.png").exists() and (out / "exits.png").exists() and "| demo-l |" in (out / "bench.md").read_text()
+    assert ((out / "speedup.png").exists() and (out / "exits.png").exists()
+            and "| demo-l |" in (out / "bench.md").read_text())

@@ -17,8 +17,16 @@ from dataclasses import dataclass
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from s2d.core.config import Limits
-from s2d.core.request import (DeadlineExceeded, DuplicateRequest, Overloaded, Request, RequestError, cause_of,
-                              parse_request, status_of)
+from s2d.core.request import (
+    DeadlineExceeded,
+    DuplicateRequest,
+    Overloaded,
+    Request,
+    RequestError,
+    cause_of,
+    parse_request,
+    status_of,
+)
 
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the server's limit
 
@@ -217,7 +225,8 @@ def _text(content: str | list[TextPart], param: str) -> str:
         return content
     for j, part in enumerate(content):
         if part.type != "text" or part.text is None:
-            raise APIError(400, f"{param}.{j}.type: {part.type!r:.40} is not supported (text only)", param=f"{param}.{j}.type")
+            raise APIError(400, f"{param}.{j}.type: {part.type!r:.40} is not supported (text only)",
+                           param=f"{param}.{j}.type")
     return "".join(p.text for p in content)
 
 

@@ -163,7 +163,8 @@ class EngineConfig(Strict):
                 raise ValueError(f"cells.{c.name}: unknown targets {sorted(unknown)}; known: {names}")
             hosted += c.targets
         if sorted(hosted) != sorted(names):
-            raise ValueError(f"cells: every target must be in exactly one cell; cells host {hosted}, targets are {names}")
+            raise ValueError(f"cells: every target must be in exactly one cell; cells host {hosted}, "
+                             f"targets are {names}")
         if len({c.name for c in self.cells}) != len(self.cells):
             raise ValueError("cells: duplicate cell names")
         return self

@@ -6,14 +6,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from s2d.core.config import EngineConfig, Limits, Profile, SamplingParams
-from s2d.worker.draft import SortedDraft, read_exits
 from s2d.core.engine_core import EngineCore
 from s2d.core.executor import Executor, InProcessExecutor
+from s2d.core.request import Overloaded, Request, RequestError, UnknownTarget
+from s2d.core.scheduler import Scheduler
+from s2d.core.sequence import Delta, DraftPlan, Sequence, encode_prompt, eos_ids
+from s2d.worker.draft import SortedDraft, read_exits
 from s2d.worker.graphs import attach, warm_up
 from s2d.worker.model import CausalLM, context_length, load_hf_config
-from s2d.core.scheduler import Scheduler
-from s2d.core.request import Overloaded, Request, RequestError, UnknownTarget
-from s2d.core.sequence import Delta, DraftPlan, Sequence, encode_prompt, eos_ids
 from s2d.worker.workers import Proposer, Verifier
 
 

@@ -57,7 +57,8 @@ class Outcome:
     seq_id: str
     drafts: list[int] = field(default_factory=list)
     exits: list[int] = field(default_factory=list)
-    trace: list[list[tuple[float, int]]] = field(default_factory=list)  # per draft: (confidence, argmax) at each exit passed
+    # per draft: (confidence, argmax) at each exit passed
+    trace: list[list[tuple[float, int]]] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)  # accepted drafts, then one token of the target's
     accepted: int = 0
     resync: bool = False  # a worker lacked this sequence's earlier tokens: send them all next tick

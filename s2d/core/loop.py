@@ -16,8 +16,8 @@ from collections.abc import AsyncIterator, Callable
 
 import torch
 
-from s2d.core.request import DeadlineExceeded, Request, RequestFailed
 from s2d.core.engine_core import EngineCore
+from s2d.core.request import DeadlineExceeded, Request, RequestFailed
 from s2d.core.sequence import Delta
 
 log = logging.getLogger(__name__)

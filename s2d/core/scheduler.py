@@ -19,10 +19,10 @@ from dataclasses import dataclass
 
 from s2d.core.config import Limits, Scheduling
 from s2d.core.executor import Tick, TickResult
-from s2d.core.stats import Breakdown
 from s2d.core.policy import DraftPolicy, Row
 from s2d.core.request import DuplicateRequest, Overloaded, Request, RequestError, UnknownTarget, check_request
 from s2d.core.sequence import Delta, Sequence
+from s2d.core.stats import Breakdown
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,8 @@ class Scheduler:
         admission order; the other long prompts wait. A resent sequence (outputs already) is not
         held back as a long prompt: it only rebuilds caches it had."""
         sched = self.sched
-        is_long = {s.seq_id: bool(s.pending) and not s.out and len(s.prompt_ids) > sched.long_prompt for s in candidates}
+        is_long = {s.seq_id: bool(s.pending) and not s.out and len(s.prompt_ids) > sched.long_prompt
+                   for s in candidates}
         first_long = next((s for s in candidates if is_long[s.seq_id]), None)
         batch = {t: 0 for t in self.target_slots}  # each target's verify rows
         for s in candidates:

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from s2d.core.config import Profile, SamplingParams
 from s2d.core.detok import Detokenizer
 from s2d.core.executor import Outcome, Work
-from s2d.core.stats import SpecStats
 from s2d.core.policy import Acceptance
 from s2d.core.request import RequestError
+from s2d.core.stats import SpecStats
 from s2d.worker.workers import INLINE_TOKENS
 
 
@@ -64,7 +64,8 @@ def apply_template(tokenizer, messages: list[dict], field: str) -> list[int]:
     from jinja2 import TemplateError
 
     try:
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                  return_dict=False))
     except TemplateError as e:
         raise RequestError(field, f"the chat template refused it: {e}") from None
 

@@ -36,7 +36,8 @@ class SpecStats:
 
     def merge(self, o: "SpecStats") -> "SpecStats":
         out = SpecStats(self.drafted + o.drafted, self.accepted + o.accepted, self.emitted + o.emitted,
-                        self.target_forwards + o.target_forwards, exits=self.exits + o.exits, wall_s=self.wall_s + o.wall_s)
+                        self.target_forwards + o.target_forwards, exits=self.exits + o.exits,
+                        wall_s=self.wall_s + o.wall_s)
         for src in (self, o):
             for i, (p, a) in enumerate(zip(src.proposed_at, src.accepted_at)):
                 if i == len(out.proposed_at):
@@ -56,7 +57,8 @@ class SpecStats:
             "drafted": self.drafted, "accepted": self.accepted, "emitted": self.emitted,
             "target_forwards": self.target_forwards, "mat": round(self.mat, 4),
             "acceptance_rate": round(self.accepted / self.drafted, 4) if self.drafted else 0.0,
-            "acceptance_per_position": [round(a / p, 4) if p else 0.0 for p, a in zip(self.proposed_at, self.accepted_at)],
+            "acceptance_per_position": [round(a / p, 4) if p else 0.0
+                                        for p, a in zip(self.proposed_at, self.accepted_at)],
             "proposed_at": list(self.proposed_at), "accepted_at": list(self.accepted_at),
             "exit_histogram": {str(k): v for k, v in sorted(self.exits.items())},
             "wall_s": round(self.wall_s, 4),

@@ -89,7 +89,8 @@ def add_S2DServicer_to_server(servicer, server):
         "Generate": grpc.unary_unary_rpc_method_handler(
             servicer.Generate, request_deserializer=decode, response_serializer=pb.GenerateResponse.SerializeToString),
         "GenerateStream": grpc.unary_stream_rpc_method_handler(
-            servicer.GenerateStream, request_deserializer=decode, response_serializer=pb.GenerateChunk.SerializeToString),
+            servicer.GenerateStream, request_deserializer=decode,
+            response_serializer=pb.GenerateChunk.SerializeToString),
         "ListTargets": grpc.unary_unary_rpc_method_handler(
             servicer.ListTargets, request_deserializer=lenient(pb.ListTargetsRequest),
             response_serializer=pb.ListTargetsResponse.SerializeToString),

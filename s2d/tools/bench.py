@@ -17,7 +17,8 @@ from s2d.core.config import SamplingParams
 from s2d.core.engine import Engine, Request
 from s2d.core.stats import SpecStats
 
-SPEC_BENCH_TASKS = {"mt_bench": ["writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities"],
+SPEC_BENCH_TASKS = {"mt_bench": ["writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem",
+                                 "humanities"],
                     "translation": ["translation"], "summarization": ["summarization"], "qa": ["qa"],
                     "math_reasoning": ["math_reasoning"], "rag": ["rag"]}
 
@@ -64,7 +65,7 @@ def code_prompts(files: list[Path], n: int, chars: int = 400, seed: int = 0) -> 
     cuts = []
     for f in files:
         text = f.read_text(errors="ignore")
-        for i, line_start in enumerate(_line_starts(text)):
+        for line_start in _line_starts(text):
             if text.startswith("    def ", line_start) or text.startswith("def ", line_start):
                 end = text.find("\n", line_start) + 1
                 cuts.append(text[max(0, end - chars): end])
@@ -123,8 +124,9 @@ def run_bench(engine: Engine, targets: list[str], modes: list[str], temperatures
                 ar_tps = acc["ar"][1] / acc["ar"][2]
                 for mode, (stats, toks, secs) in acc.items():
                     d = stats.to_dict()
-                    rows.append({"target": target, "temperature": temp, "task": task, "mode": mode, "prompts": len(prompts),
-                                 "tokens": toks, "seconds": round(secs, 3), "tokens_per_s": round(toks / secs, 2),
+                    rows.append({"target": target, "temperature": temp, "task": task, "mode": mode,
+                                 "prompts": len(prompts), "tokens": toks, "seconds": round(secs, 3),
+                                 "tokens_per_s": round(toks / secs, 2),
                                  "speedup": round(toks / secs / ar_tps, 3), "mat": d["mat"],
                                  "target_forwards": d["target_forwards"],
                                  "acceptance_per_position": d["acceptance_per_position"],
@@ -155,10 +157,11 @@ def overall(rows: list[dict]) -> list[dict]:
 
 
 def markdown(rows: list[dict], summary: list[dict]) -> str:
-    lines = ["## Overall (all tasks)", "", "| target | T | method | tok/s | speedup | MAT | exits |", "|---|---|---|---|---|---|---|"]
+    lines = ["## Overall (all tasks)", "", "| target | T | method | tok/s | speedup | MAT | exits |",
+             "|---|---|---|---|---|---|---|"]
     for r in summary:
-        lines.append(f"| {r['target']} | {r['temperature']} | {r['mode']} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | "
-                     f"{r['mat']:.2f} | {r['exit_histogram']} |")
+        lines.append(f"| {r['target']} | {r['temperature']} | {r['mode']} | {r['tokens_per_s']:.1f} | "
+                     f"{r['speedup']:.2f}x | {r['mat']:.2f} | {r['exit_histogram']} |")
     lines += ["", "## Per task (speedup / MAT)", ""]
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     lines += ["| target | T | method | " + " | ".join(tasks) + " |", "|---" * (3 + len(tasks)) + "|"]
@@ -184,7 +187,8 @@ def plots(summary: list[dict], out: Path) -> list[str]:
     for ax, temp in zip(axes[0], temps):
         w = 0.8 / len(modes)
         for j, mode in enumerate(modes):
-            ys = [next(r["speedup"] for r in summary if r["target"] == t and r["mode"] == mode and r["temperature"] == temp)
+            ys = [next(r["speedup"] for r in summary
+                       if r["target"] == t and r["mode"] == mode and r["temperature"] == temp)
                   for t in targets]
             ax.bar([i + j * w for i in range(len(targets))], ys, w, label=mode)
         ax.axhline(1.0, color="k", lw=0.8)
@@ -216,7 +220,8 @@ def cmd_bench(a):
         for t in cfg.targets:
             engine.set_profile(t.name, Profile())
     targets = a.target or [t.name for t in cfg.targets]
-    modes = ["ar"] + [m for m in (a.modes.split(",") if a.modes else [f"fixed:{e}" for e in engine.exits] + ["s2d"]) if m != "ar"]
+    modes = ["ar"] + [m for m in (a.modes.split(",") if a.modes else [f"fixed:{e}" for e in engine.exits] + ["s2d"])
+                      if m != "ar"]
     per_task, code_n, max_tokens = (1, 2, 32) if a.quick else (a.prompts, a.prompts, a.max_tokens)
     tasks = {}
     sb = Path(a.spec_bench) if a.spec_bench else find_spec_bench()
@@ -226,7 +231,8 @@ def cmd_bench(a):
     if code:
         tasks["code"] = code
     if not tasks:
-        raise SystemExit("no prompts: give --spec-bench PATH (Spec-Bench question.jsonl) or a config with heldout_files.txt")
+        raise SystemExit("no prompts: give --spec-bench PATH (Spec-Bench question.jsonl) "
+                         "or a config with heldout_files.txt")
     temps = [float(t) for t in a.temperatures.split(",")]
     rows = run_bench(engine, targets, modes, temps, tasks, max_tokens)
     summary = overall(rows)

@@ -42,7 +42,7 @@ def cmd_generate(a):
         params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
                                 seed=a.seed, stop=a.stop)
     except ValidationError as e:
-        raise SystemExit(f"error: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}")
+        raise SystemExit(f"error: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}") from None
     engine = Engine.from_config(cfg)
     try:
         req = Request(target=a.target, prompt=a.prompt, params=params, mode=a.mode, raw=a.raw)
@@ -51,7 +51,7 @@ def cmd_generate(a):
             if not a.json:
                 print(delta.text, end="", flush=True)
     except RequestError as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {e}") from None
     result = seq.result()
     if result.get("error"):
         raise SystemExit(f"error: {result['error']}")
@@ -77,7 +77,8 @@ def cmd_convert_gguf(a):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="s2d", description="Sorted speculative decoding: one draft for a family of targets.")
+    p = argparse.ArgumentParser(prog="s2d",
+                                description="Sorted speculative decoding: one draft for a family of targets.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     g = sub.add_parser("generate", help="generate text with S2D (or a baseline mode)")
@@ -112,7 +113,8 @@ def main(argv=None):
 
     # Subcommands defined next to what they run.
     from s2d.tools import bench, tune
-    from s2d.train import demo, soft as train
+    from s2d.train import demo
+    from s2d.train import soft as train
 
     for module in (train, demo, bench, tune):
         module.add_cli(sub)
@@ -147,7 +149,7 @@ def cmd_client(a):
             reason, n, mat = r.finish_reason, r.usage.completion_tokens, r.stats.mat
         print(f"\n[{reason}] {n} tokens, MAT {mat:.2f}", file=sys.stderr)
     except grpc.RpcError as e:
-        raise SystemExit(f"{e.code().name}: {e.details()}")
+        raise SystemExit(f"{e.code().name}: {e.details()}") from None
     finally:
         c.close()
 

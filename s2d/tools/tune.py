@@ -11,9 +11,9 @@ from pathlib import Path
 
 import yaml
 
-from s2d.tools.bench import code_prompts, find_spec_bench, fits_context, spec_bench_prompts
 from s2d.core.config import Profile, SamplingParams
 from s2d.core.engine import Engine, Request
+from s2d.tools.bench import code_prompts, find_spec_bench, fits_context, spec_bench_prompts
 
 THRESHOLDS = [0.0, 0.3, 0.5, 0.7, 0.9, 1.01]  # 0: always exit here; 1.01: never
 STOPS = [0.0, 0.1, 0.2, 0.4]
@@ -133,5 +133,6 @@ def add_cli(sub):
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--passes", type=int, default=2, help="rounds of the coordinate search")
     p.add_argument("--dry-run", action="store_true", help="report only, leave the config as it is")
-    p.add_argument("--device", default=None, help="tune for this device (e.g. cuda): the best profile differs per device")
+    p.add_argument("--device", default=None,
+                   help="tune for this device (e.g. cuda): the best profile differs per device")
     p.set_defaults(fn=cmd_tune)

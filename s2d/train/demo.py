@@ -51,16 +51,17 @@ def split_files(files: list[Path], fraction: float, seed: int) -> tuple[list[Pat
 
 def model_card(name: str, info: dict) -> str:
     rows = "\n".join(f"| {k} | {v} |" for k, v in info.items())
-    return f"# {name}\n\nPart of the s2d demo family. Rebuild: `{info['rebuild']}`.\n\n| field | value |\n|---|---|\n{rows}\n"
+    return (f"# {name}\n\nPart of the s2d demo family. Rebuild: `{info['rebuild']}`.\n\n"
+            f"| field | value |\n|---|---|\n{rows}\n")
 
 
 def build_demo(out: str | Path = DEMO_DIR, corpus: str | Path | None = None, docs: str | Path | None = None,
                quick: bool = False, draft_only: bool = False, progress: bool = True, recipe_name: str = "cpu") -> dict:
     from transformers import AutoTokenizer
 
-    from s2d.worker.draft import make_draft
-    from s2d.train.tiny import llama_config, save_random_model, train_tokenizer
     from s2d.train.soft import TrainArgs, pack, train
+    from s2d.train.tiny import llama_config, save_random_model, train_tokenizer
+    from s2d.worker.draft import make_draft
 
     recipe = {**RECIPE, **(GPU if recipe_name == "gpu" else {}), **(QUICK if quick else {})}
     out, work = Path(out), Path(out) / ".work"
@@ -68,7 +69,8 @@ def build_demo(out: str | Path = DEMO_DIR, corpus: str | Path | None = None, doc
                + (f" --corpus {corpus}" if corpus else "")
                + (" --docs <python3.11-doc>/usr/share/doc/python3.11/html/_sources" if docs else ""))
     corpus = Path(corpus or sysconfig.get_paths()["stdlib"])
-    code, held = split_files(corpus_files(corpus, limit=recipe.get("files")), recipe["heldout_fraction"], recipe["seed"])
+    code, held = split_files(corpus_files(corpus, limit=recipe.get("files")), recipe["heldout_fraction"],
+                             recipe["seed"])
     prose, held_prose = split_files(corpus_files(Path(docs), "*.txt", recipe.get("files")), recipe["heldout_fraction"],
                                     recipe["seed"]) if docs else ([], [])
     out.mkdir(parents=True, exist_ok=True)
@@ -100,18 +102,21 @@ def build_demo(out: str | Path = DEMO_DIR, corpus: str | Path | None = None, doc
             raise FileNotFoundError(f"--draft-only needs the built target {out / name}")
         if s is None:  # not built yet with this recipe's steps: train it
             init = work / f"{name}-init"
-            save_random_model(llama_config(len(tok), layers, hidden, heads, max_pos=1024), init, recipe["seed"], tok_dir)
-            s = train(init, data, TrainArgs(out=str(out / name), max_steps=steps, lr=recipe["lr"], **common), eval_data, tok)
+            save_random_model(llama_config(len(tok), layers, hidden, heads, max_pos=1024), init, recipe["seed"],
+                              tok_dir)
+            s = train(init, data, TrainArgs(out=str(out / name), max_steps=steps, lr=recipe["lr"], **common),
+                      eval_data, tok)
         cards[name] = {"shape": f"{layers} layers x {hidden}", "params": _params(out / name), "steps": s["steps"],
                        "train_tokens": s["tokens"], "final_train_loss": s["final_loss"], "heldout_loss": s["eval_loss"]}
     src = out / DRAFT["source"]
     init = make_draft(src, DRAFT["layers"], DRAFT["exits"], work / "draft-init")
     s = train(init, data, TrainArgs(out=str(out / "demo-draft"), max_steps=recipe["draft_steps"], lr=recipe["draft_lr"],
-                                    kd_target=str(out / "demo-l"), kd_weight=recipe["kd_weight"], **common), eval_data, tok)
+                                    kd_target=str(out / "demo-l"), kd_weight=recipe["kd_weight"], **common),
+              eval_data, tok)
     cards["demo-draft"] = {"shape": f"first {DRAFT['layers']} layers of {DRAFT['source']}, exits {DRAFT['exits']}",
                            "params": _params(out / "demo-draft"), "steps": s["steps"], "train_tokens": s["tokens"],
-                           "objective": f"SoFT + {recipe['kd_weight']} x KL to demo-l", "final_train_loss": s["final_loss"],
-                           "heldout_loss": s["eval_loss"]}
+                           "objective": f"SoFT + {recipe['kd_weight']} x KL to demo-l",
+                           "final_train_loss": s["final_loss"], "heldout_loss": s["eval_loss"]}
     for name, info in cards.items():
         info.update(data=f"CPython stdlib {corpus} *.py ({len(code)} files; {len(held)} held out, heldout_files.txt)"
                     + (f" + Python docs *.rst.txt ({len(prose)} files; {len(held_prose)} held out)" if docs else ""),

@@ -103,7 +103,8 @@ def exit_logits(model, input_ids, exits: list[int]) -> list[torch.Tensor]:
     return [out.logits if e == n else base.lm_head(base.model.norm(out.hidden_states[e])) for e in exits]
 
 
-def soft_loss(logits: list[torch.Tensor], labels, mask, teacher=None, kd_weight=0.0) -> tuple[torch.Tensor, list[float]]:
+def soft_loss(logits: list[torch.Tensor], labels, mask, teacher=None,
+              kd_weight=0.0) -> tuple[torch.Tensor, list[float]]:
     """Mean over exits of the masked next-token cross-entropy (+ kd_weight x KL to a teacher)."""
     losses, per_exit = [], []
     m = mask.float()
@@ -128,7 +129,8 @@ def train(model_dir: str | Path, data: tuple[torch.Tensor, torch.Tensor], args: 
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    acc = Accelerator(mixed_precision="bf16" if args.dtype == "bfloat16" else "no", gradient_accumulation_steps=args.grad_accum)
+    acc = Accelerator(mixed_precision="bf16" if args.dtype == "bfloat16" else "no",
+                      gradient_accumulation_steps=args.grad_accum)
     torch.manual_seed(args.seed)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     exits = list(getattr(model.config, "s2d_exits", None) or [model.config.num_hidden_layers])
@@ -149,7 +151,8 @@ def train(model_dir: str | Path, data: tuple[torch.Tensor, torch.Tensor], args: 
 
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     # The schedule counts optimizer steps itself, so it is not prepared (accelerate would step it once per
@@ -172,7 +175,8 @@ def train(model_dir: str | Path, data: tuple[torch.Tensor, torch.Tensor], args: 
         sel = sel[acc.process_index::acc.num_processes]
         return ids[sel].to(acc.device), mask[sel].to(acc.device)
 
-    bar = tqdm(total=steps, initial=start, disable=not (args.progress and acc.is_main_process), desc="train", unit="step")
+    bar = tqdm(total=steps, initial=start, disable=not (args.progress and acc.is_main_process), desc="train",
+               unit="step")
     t0, seen = time.perf_counter(), 0
     model.train()
     for step in range(start, steps):
@@ -294,11 +298,13 @@ def cmd_train_tokenizer(a):
 
 
 def cmd_init_lm(a):
-    from s2d.train.tiny import llama_config, save_random_model
     from transformers import AutoTokenizer
 
+    from s2d.train.tiny import llama_config, save_random_model
+
     tok = AutoTokenizer.from_pretrained(a.tokenizer)
-    save_random_model(llama_config(len(tok), a.layers, a.hidden, a.heads, max_pos=a.max_pos), a.out, a.seed, a.tokenizer)
+    save_random_model(llama_config(len(tok), a.layers, a.hidden, a.heads, max_pos=a.max_pos), a.out, a.seed,
+                      a.tokenizer)
     print(f"random model written to {a.out}")
 
 

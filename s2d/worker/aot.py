@@ -2,9 +2,9 @@
 
 The package runs the step from C++: no Python guards or wrapper on each call (a drafted token to
 exit 1 took 0.56 ms through torch.compile and 0.17 ms as a package, benchmarks/step_costs.py in
-docs/bench/compiled.md), and a restart loads it in a second instead of compiling again. One package per static forward: rows,
-tokens and keys are dynamic dimensions. Weights are frozen into it as constants; the KV cache and
-the draft's hidden states are inputs the step writes in place.
+docs/bench/compiled.md), and a restart loads it in a second instead of compiling again. One package
+per static forward: rows, tokens and keys are dynamic dimensions. Weights are frozen into it as
+constants; the KV cache and the draft's hidden states are inputs the step writes in place.
 
 A package is named by what it was built from (the weights, dtype, slots, context, segment, torch,
 this code and the GEMM autotuning), so a changed checkpoint or code gets a new one."""

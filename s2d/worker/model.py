@@ -285,7 +285,8 @@ class CausalLM(nn.Module):
         missing = set(self.state_dict().keys()) - set(state) - ({"lm_head.weight"} if self.tied else set())
         unexpected = set(state) - set(self.state_dict().keys())
         if missing or unexpected:
-            raise ValueError(f"checkpoint does not match the config: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+            raise ValueError(f"checkpoint does not match the config: missing {sorted(missing)[:5]}, "
+                             f"unexpected {sorted(unexpected)[:5]}")
         self.load_state_dict(state, strict=False, assign=True)
         if self.tied:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -312,7 +313,8 @@ class CausalLM(nn.Module):
                 self.lm_head.weight = nn.Parameter(self.w_head.t(), requires_grad=False)
         self.static_mode = resolve_static(self.static_forward, self.first_device)
         hd = getattr(self.cfg, "head_dim", None) or self.cfg.hidden_size // self.cfg.num_attention_heads
-        self.cache = KVCache(self.n_slots, self.max_len, self.cfg.num_key_value_heads, hd, self.dtype, self.layer_devices)
+        self.cache = KVCache(self.n_slots, self.max_len, self.cfg.num_key_value_heads, hd, self.dtype,
+                             self.layer_devices)
         return self
 
     # -- forward -------------------------------------------------------------------------------
@@ -378,7 +380,8 @@ class CausalLM(nn.Module):
         """cos and sin [B, 1, T, D] of positions [B, T], in the model's dtype."""
         freqs = pos[..., None].float() * self.inv_freq.to(pos.device)
         emb = torch.cat((freqs, freqs), dim=-1)
-        return (emb.cos() * self.rope_scale).to(self.dtype)[:, None], (emb.sin() * self.rope_scale).to(self.dtype)[:, None]
+        return ((emb.cos() * self.rope_scale).to(self.dtype)[:, None],
+                (emb.sin() * self.rope_scale).to(self.dtype)[:, None])
 
     def run_layers(self, h: torch.Tensor, b: Batch, start: int = 0, stop: int | None = None) -> torch.Tensor:
         t0 = time.perf_counter()

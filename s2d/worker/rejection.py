@@ -109,7 +109,8 @@ def _sample_rows(drafts, q, p, gens, dev) -> list[torch.Tensor]:
         n, k, pj = n_acc[j].view(1), ks[j], p[j]  # index_select with a device index: no host sync
         good = torch.isfinite(pj).all()
         at_n = pj.index_select(0, n)[0]
-        dist = at_n if k == 0 else torch.where(n[0] < k, residual(at_n, q[j].to(dev).index_select(0, n.clamp(max=k - 1))[0]), at_n)
+        dist = at_n if k == 0 else torch.where(
+            n[0] < k, residual(at_n, q[j].to(dev).index_select(0, n.clamp(max=k - 1))[0]), at_n)
         dists.append(torch.where(good, dist, torch.ones_like(dist)))  # a NaN row draws from a stand-in; it fails
         ok.append(good.long()[None])
     noise = torch.stack([exponentials(p[0].shape[-1], g, dev) for g in gens])  # each row's own generator

@@ -12,13 +12,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from s2d.worker.cache import SlotTable
 from s2d.core.config import SamplingParams
+from s2d.worker.cache import SlotTable
 from s2d.worker.draft import SortedDraft
 from s2d.worker.model import KEY_BUCKET, CausalLM, pack_tokens, pad_tokens
 from s2d.worker.rejection import verify_batch
 from s2d.worker.sampling import draw, exponentials, generator, probs_from_logits
-
 
 SPLIT_KEYS = 4  # decode rows attend in two groups past this ratio of context lengths (split_by_keys)
 INLINE_TOKENS = 8  # unseen tokens (before the last) up to this many ride in a decode row; more get a prefill forward
@@ -58,7 +57,8 @@ class Proposal:
     exits: list[int] = field(default_factory=list)  # exit depth (layers) of each drafted token
     q: torch.Tensor | None = None  # [k, V] the probabilities each draft was sampled from (sampling only)
     error: str | None = None  # drafting failed for this sequence alone
-    trace: list[list[tuple[float, int]]] = field(default_factory=list)  # per draft: (confidence, argmax) at each exit passed
+    # per draft: (confidence, argmax) at each exit passed
+    trace: list[list[tuple[float, int]]] = field(default_factory=list)
 
 
 @dataclass
@@ -192,12 +192,14 @@ class Proposer(Worker):
         if long:  # a long unseen part (a resent sequence) is prefilled apart, not padded into the decodes
             self.prefill_forwards += 1
             self._timed("prefill", len(long), sum(len(items[i].tokens) for i in long), self.draft.prefill,
-                        [slots[i] for i in long], [items[i].tokens for i in long], [len(items[i].tokens) - 1 for i in long])
+                        [slots[i] for i in long], [items[i].tokens for i in long],
+                        [len(items[i].tokens) - 1 for i in long])
         work = [list(it.tokens) for it in items]
         out = [Proposal() for _ in items]
         qs: list[list[torch.Tensor]] = [[] for _ in items]
         gens = [None if it.params.greedy else generator(it.seed, self.draft.lm.last_device) for it in items]
-        active = sorted((i for i, it in enumerate(items) if it.k > 0), key=lambda i: slots[i])  # slot order: adjacent slots read the cache as a view
+        # slot order: adjacent slots read the cache as a view
+        active = sorted((i for i, it in enumerate(items) if it.k > 0), key=lambda i: slots[i])
         self.batch_sizes.append(len(active))
         while active:
             t_step = time.perf_counter()
@@ -245,7 +247,7 @@ class Proposer(Worker):
         """The sampled rows' drafts, drawn from each row's distribution at its exit (one host copy
         for all); greedy rows take the argmax already on the host. Rows whose numbers went bad fail."""
         draws = {}
-        for i, (s, conf, _, logits) in emitted.items():
+        for i, (_s, conf, _, logits) in emitted.items():
             if conf != conf:
                 self._fail_draft(items[i], out[i], "the draft's logits are not finite")
             elif gens[i] is not None:
@@ -326,7 +328,8 @@ class Verifier(Worker):
                 lm.static_fill.run(sl, st, lens, pad_tokens(toks, lm.first_device))
                 fill = []
         dec = split_by_keys(list(range(len(items))), [st + len(r) for st, r in zip(starts, rows)]) if items else []
-        dec = [sorted(g, key=lambda i: slots[n + i]) for g in dec]  # slot order: adjacent slots read the cache as a view
+        # slot order: adjacent slots read the cache as a view
+        dec = [sorted(g, key=lambda i: slots[n + i]) for g in dec]
         groups = ([[list(col) for col in zip(*fill)]] if fill else []) + \
             [[[slots[n + i] for i in g], [starts[i] for i in g], [rows[i] for i in g]] for g in dec]
         if items:
