@@ -1,6 +1,7 @@
 """One request's token state and the rules of a round: how many tokens to draft, what to send
-to the verifier, how accepted tokens end a request (EOS, stop strings, max_tokens). Shared by the
-in-process engine and the Ray router, so both decode exactly alike."""
+to the verifier, how accepted tokens end a request (EOS, stop strings, max_tokens). The one
+scheduler (s2d/core/scheduler.py) keeps them, in process and in a serving cell alike, so both decode
+exactly alike."""
 from __future__ import annotations
 
 import random

@@ -20,7 +20,7 @@ from s2d.worker.rejection import verify_batch
 from s2d.worker.sampling import draw, exponentials, generator, probs_from_logits
 
 SPLIT_KEYS = 4  # decode rows attend in two groups past this ratio of context lengths (split_by_keys)
-INLINE_TOKENS = 8  # unseen tokens (before the last) up to this many ride in a decode row; more get a prefill forward
+INLINE_TOKENS = 8  # unseen draft tokens (before the last) up to this many ride in its first step; more: a prefill
 
 
 @dataclass
