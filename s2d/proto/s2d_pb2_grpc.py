@@ -66,7 +66,8 @@ class S2DServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GenerateStream(self, request, context):
-        """One message per accepted chunk (the tokens one verification accepted), then a final one.
+        """A message per verification's accepted tokens (several verifications' in one where the client
+        reads slower than they come), the last with the usage and the stats.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
