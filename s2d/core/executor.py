@@ -105,20 +105,11 @@ class TickResult:
         return {o.seq_id: o for v in self.targets for o in v.outcomes}
 
 
-def known_tokens(worker, w: Work) -> list[int] | None:
-    """The sequence's full token list from what the worker holds plus `w.new`; None if it lacks a prefix."""
-    have = worker.known.get(w.seq_id, [])
-    if len(have) < w.start:
-        return None
-    worker.known[w.seq_id] = have[: w.start] + w.new
-    return worker.known[w.seq_id]
-
-
 def propose_tick(proposer: Proposer, tick: Tick) -> Drafted:
     t0 = time.perf_counter()
     for seq_id in tick.release:
         proposer.release(seq_id)
-    tokens = [known_tokens(proposer, w) for w in tick.work]
+    tokens = [proposer.sync(w.seq_id, w.start, w.new) for w in tick.work]
     items, at, chunks = [], [], []
     for i, (w, toks) in enumerate(zip(tick.work, tokens)):
         if toks is None or w.k == 0:  # the draft never sees sequences that do not draft (ar)
@@ -146,7 +137,7 @@ def verify_tick(verifier: Verifier, target: str, drafted: Drafted) -> Verified:
     for w, p in zip(drafted.tick.work, drafted.proposals):
         if w.target != target:
             continue
-        toks = known_tokens(verifier, w)
+        toks = verifier.sync(w.seq_id, w.start, w.new)
         if p is None or toks is None:
             outcomes.append(Outcome(w.seq_id, resync=True))
         elif p.error:

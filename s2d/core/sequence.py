@@ -113,7 +113,7 @@ class Sequence:
         self.prompt_ids = prompt_ids
         self.out: list[int] = list(resume)  # tokens a client already has (a request resent after a failure)
         self.synced = 0  # the workers hold tokens[:synced]
-        self.cached_drafts = 0  # and, in their caches, this many more: the drafts the last round accepted
+        self.cached_drafts = 0  # and this many more: the drafts the last round accepted, which they added
         self.tokenizer, self.eos = tokenizer, set() if params.ignore_eos else eos
         self.context = context  # positions the caches hold
         self.seed = params.seed if params.seed is not None else random.getrandbits(62)
@@ -133,6 +133,11 @@ class Sequence:
     @property
     def tokens(self) -> list[int]:
         return self.prompt_ids + self.out
+
+    def _tokens(self, start: int, end: int) -> list[int]:
+        """tokens[start:end] without building the whole list."""
+        p = len(self.prompt_ids)
+        return self.prompt_ids[start:end] + self.out[max(start - p, 0):max(end - p, 0)]
 
     @property
     def catchup(self) -> int:
@@ -158,14 +163,15 @@ class Sequence:
         workers have not seen, and how far to draft (at most k_cap, the policy's choice, where
         given). A prompt longer than the budget goes in chunks (prefill-only work, no output) over
         several ticks; None when no budget is left this tick."""
-        tokens, pending = self.tokens, self.pending
+        pending, n = self.pending, len(self.prompt_ids) + len(self.out)
         chunk = pending > budget
         if chunk and budget < INLINE_TOKENS:
             return None, 0
-        end = self.synced + budget if chunk else len(tokens)
+        start = self.synced + self.cached_drafts  # the workers hold the drafts the last round accepted
+        end = start + budget if chunk else n
         k_max = self.plan.k_max if k_cap is None else k_cap
-        k = k_max if chunk else max(0, min(k_max, self.remaining - 1, self.context - len(tokens) - 1))
-        w = Work(self.seq_id, self.target, self.synced, tokens[self.synced:end], k, thresholds or self.plan.thresholds,
+        k = k_max if chunk else max(0, min(k_max, self.remaining - 1, self.context - n - 1))
+        w = Work(self.seq_id, self.target, start, self._tokens(start, end), k, thresholds or self.plan.thresholds,
                  self.plan.stop_threshold, self.params, self.seed * 1_000_003 + 2 * self.round, decode=not chunk)
         self.drafting_k = k
         if k:

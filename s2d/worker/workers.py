@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 import torch
 
 from s2d.core.config import SamplingParams
-from s2d.worker.cache import SlotTable
 from s2d.worker.draft import SortedDraft
 from s2d.worker.model import KEY_BUCKET, CausalLM, pack_tokens, pad_tokens
 from s2d.worker.rejection import verify_batch
 from s2d.worker.sampling import draw, exponentials, generator, probs_from_logits
+from s2d.worker.slots import SlotTable
 
 SPLIT_KEYS = 4  # decode rows attend in two groups past this ratio of context lengths (split_by_keys)
 INLINE_TOKENS = 8  # unseen draft tokens (before the last) up to this many ride in its first step; more: a prefill
@@ -81,11 +81,23 @@ class Verdict:
 class Worker:
     def __init__(self, n_slots: int):
         self.table = SlotTable(n_slots)
-        self.known: dict[str, list[int]] = {}  # each live sequence's tokens as its scheduler sent them
+        self.known: dict[str, list[int]] = {}  # each live sequence's tokens: as sent, then what this worker added
         self.batch_sizes: list[int] = []  # sizes of the batches served (for stats)
         self.prefill_forwards = 0  # forwards that only filled the cache (prompt chunks, long resent parts)
         self.failed: set[str] = set()  # sequences whose numbers went bad here: their slots are cleared on release
         self.forwards: list[Forward] = []  # since the executor last took them (the cost model's input)
+
+    def sync(self, seq_id: str, start: int, new: list[int]) -> list[int] | None:
+        """A sequence's token buffer after the scheduler's update (tokens[start:] are `new`), kept
+        in place: a tick costs what it sends, not the context. None where this worker lacks
+        tokens[:start] (restarted, or evicted): the scheduler then sends them all."""
+        buf = self.known.setdefault(seq_id, [])
+        if len(buf) < start:
+            return None
+        del buf[start:]
+        buf.extend(new)
+        self.table.clamp(seq_id, start)
+        return buf
 
     def _observe(self, what: str, rows: int, tokens: int, seconds: float):
         self.forwards.append(Forward(what, rows, tokens, seconds))
@@ -142,7 +154,7 @@ class Worker:
         pinned = {it.seq_id for it in items}
         for it in items:
             slots.append(self.table.acquire(it.seq_id, pinned, self._evicted))
-            common.append(self.table.common_prefix(it.seq_id, it.tokens))
+            common.append(self.table.reusable(it.seq_id, len(it.tokens)))
             truncate(slots[-1], common[-1])
         return slots, common
 
@@ -181,7 +193,7 @@ class Proposer(Worker):
         self._timed("prefill", len(items), sum(len(it.tokens) for it in items), self.draft.prefill,
                     slots, [it.tokens for it in items], [len(it.tokens) for it in items])
         for it in items:
-            self.table.tokens[it.seq_id] = list(it.tokens)
+            self.table.cached[it.seq_id] = len(it.tokens)
 
     @torch.inference_mode()
     def propose(self, items: list[ProposeItem]) -> list[Proposal]:
@@ -194,7 +206,7 @@ class Proposer(Worker):
             self._timed("prefill", len(long), sum(len(items[i].tokens) for i in long), self.draft.prefill,
                         [slots[i] for i in long], [items[i].tokens for i in long],
                         [len(items[i].tokens) - 1 for i in long])
-        work = [list(it.tokens) for it in items]
+        work = [it.tokens for it in items]  # the buffers (Worker.sync): the drafts go on them
         out = [Proposal() for _ in items]
         qs: list[list[torch.Tensor]] = [[] for _ in items]
         gens = [None if it.params.greedy else generator(it.seed, self.draft.lm.last_device) for it in items]
@@ -217,7 +229,7 @@ class Proposer(Worker):
                       and emitted[i][1] >= items[i].stop_threshold]
             self._observe("draft_step", rows, rows, time.perf_counter() - t_step)  # one token for every active row
         for i, it in enumerate(items):
-            self.table.tokens[it.seq_id] = work[i][: self.draft.fill[slots[i]][0]]
+            self.table.cached[it.seq_id] = self.draft.fill[slots[i]][0]
             if qs[i]:
                 out[i].q = torch.stack(qs[i])
         return out
@@ -302,7 +314,7 @@ class Verifier(Worker):
         self.lm.cache.clear(slot)
 
     def move_slot(self, seq_id: str, src: int, dst: int):
-        self.lm.cache.move(src, dst, len(self.table.tokens[seq_id]))
+        self.lm.cache.move(src, dst, self.table.cached[seq_id])
 
     @torch.inference_mode()
     def verify(self, items: list[VerifyItem], chunks: list[PrefillItem] = ()) -> list[Verdict]:
@@ -347,7 +359,7 @@ class Verifier(Worker):
             layout = [(grp.start, grp.width) for grp in batch.groups[len(groups) - len(dec):]]
             pick = lambda at: lm.logits(h[0, at.to(h.device)])  # noqa: E731
         for it in chunks:
-            self.table.tokens[it.seq_id] = list(it.tokens)
+            self.table.cached[it.seq_id] = len(it.tokens)
         if not items:
             self._observe("prefill", len(chunks), n_tokens, time.perf_counter() - t0)
             return []
@@ -381,11 +393,12 @@ class Verifier(Worker):
                     verdicts[i] = self._fail_verify(it, "the target's numbers are not finite")
                     continue
                 accepted = len(toks) - 1
-                self.table.tokens[it.seq_id] = (it.tokens + it.drafts)[: len(it.tokens) + accepted]
+                it.tokens.extend(it.drafts[:accepted])  # the buffer (Worker.sync) holds what the cache holds
+                self.table.cached[it.seq_id] = len(it.tokens)
                 verdicts[i] = Verdict(toks, accepted)
         return verdicts
 
     def _fail_verify(self, it: VerifyItem, why: str) -> Verdict:
-        self.table.tokens[it.seq_id] = list(it.tokens)
+        self.table.cached[it.seq_id] = len(it.tokens)
         self.failed.add(it.seq_id)
         return Verdict([], 0, f"verification failed: {why}")
