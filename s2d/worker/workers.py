@@ -99,6 +99,18 @@ class Worker:
         self.table.clamp(seq_id, start)
         return buf
 
+    def _own(self, item):
+        """Make the item's tokens this worker's buffer. Through the executor they are already
+        (Worker.sync); a caller that bypassed it (tests, tools) has its list copied, and the cache
+        is kept as far as the old buffer agrees with it."""
+        buf = self.known.get(item.seq_id)
+        if buf is item.tokens:
+            return
+        old, new = buf or [], item.tokens
+        n = min(len(old), len(new))
+        self.table.clamp(item.seq_id, next((i for i in range(n) if old[i] != new[i]), n))
+        self.known[item.seq_id] = item.tokens = list(new)
+
     def _observe(self, what: str, rows: int, tokens: int, seconds: float):
         self.forwards.append(Forward(what, rows, tokens, seconds))
 
@@ -154,6 +166,7 @@ class Worker:
         pinned = {it.seq_id for it in items}
         for it in items:
             slots.append(self.table.acquire(it.seq_id, pinned, self._evicted))
+            self._own(it)
             common.append(self.table.reusable(it.seq_id, len(it.tokens)))
             truncate(slots[-1], common[-1])
         return slots, common
