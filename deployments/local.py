@@ -3,6 +3,7 @@ a machine with only loopback (../shared/notes/ray-serve-here.md), and the gRPC p
 from __future__ import annotations
 
 import os
+import random
 import socket
 
 LOCAL_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
@@ -15,9 +16,17 @@ def set_local_env():
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port between Ray's worker ports (10002-19999) and the ephemeral range (32768 up on
+    Linux): a port picked by binding port 0 could be taken by one of Ray's processes, which bind
+    port 0 too, before Serve binds it."""
+    for port in random.sample(range(20000, 32000), 500):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-31999")
 
 
 def serve_locally(config: str, num_cpus: int | None = None, http_port: int | None = None,
