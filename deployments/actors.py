@@ -49,6 +49,7 @@ class DraftActor(_Actor):
     def __init__(self, config: dict, share: int):
         cfg = EngineConfig.model_validate(config)
         self.threads = torch_threads(cfg.draft, share)
+        use_threads(self.threads)  # before compiling: a package is built for the threads it runs with
         self.worker = Proposer(load_draft(cfg))
 
     @ray.method(concurrency_group="control")
@@ -66,6 +67,7 @@ class TargetActor(_Actor):
         cfg = EngineConfig.model_validate(config)
         self.threads = torch_threads(cfg.target(name), share)
         self.name = name
+        use_threads(self.threads)
         self.worker = Verifier(load_target(cfg, name))
 
     @ray.method(concurrency_group="control")

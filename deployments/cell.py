@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator
 
+import torch
 from ray import serve
 
 from deployments.metrics import LoadMetrics
@@ -26,7 +27,9 @@ class Cell:
         cfg = EngineConfig.model_validate(config)
         spec = cfg.cell(cell)
         if spec.transport == "in_process":  # the models in this process, forwards on every core
-            self.executor, threads = load_in_process(cfg, spec.targets), os.cpu_count() or 1
+            threads = os.cpu_count() or 1
+            torch.set_num_threads(threads)  # before compiling: a package is built for the threads it runs with
+            self.executor = load_in_process(cfg, spec.targets)
         else:  # the actors set their own threads
             self.executor, threads = RayExecutor(cfg, cell, spec.pipeline, transport=spec.transport), None
         self.loop = EngineLoop(engine_core(cfg, self.executor, spec.targets, spec.pipeline), threads,

@@ -4,11 +4,13 @@ serve."""
 from __future__ import annotations
 
 import pytest
+import torch
 from conftest import PROMPTS, make_config
 
 import s2d.worker.graphs
 from s2d.core.config import SamplingParams
 from s2d.core.engine import Engine, Request
+from s2d.worker import aot
 
 
 @pytest.fixture(scope="module")
@@ -46,3 +48,17 @@ def test_compiled_equals_eager_token_for_token(family, compiled_engine, mode):
     assert len({k for s in static for k in s.shapes}) > 4  # many buckets, one package each
     if mode != "ar":
         assert all(s.replays > 0 for s in compiled_engine.proposer.draft.static)
+
+
+def test_a_package_is_built_for_the_threads_it_runs_with(compiled_engine):
+    """Inductor's GEMM templates bake the thread count in: a package built in a 1-thread process (a
+    Ray worker before it sets its threads) must not be the one a 2-thread process loads."""
+    step = next(iter(compiled_engine.verifiers.values())).lm.static
+    n = torch.get_num_threads()
+    try:
+        mine = aot._fingerprint(step)
+        torch.set_num_threads(1 if n > 1 else 2)
+        other = aot._fingerprint(step)
+    finally:
+        torch.set_num_threads(n)
+    assert mine != other and aot._fingerprint(step) == mine
