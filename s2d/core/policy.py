@@ -28,13 +28,16 @@ from __future__ import annotations
 import math
 import statistics
 from collections import defaultdict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 from s2d.worker.model import pow2_at_least
 
 DECAY = 0.98  # per observation: old traffic fades, so the policy follows a change of load or content
 BINS = 10  # confidence bins per exit
 EXPLORE_EVERY = 16  # ticks between rounds with a neighbouring k for the drafting rows
+RECHOOSE = 4  # ticks a batch of the same rows keeps its choices
 OFF_BUDGET = 0.02  # rows that do not draft may try their top k within this share of the time: a probe pays the
 #                    draft's catch-up on every token the probing row missed, so they come rarer as that grows
 PROBE_EVERY = 8  # ticks: one in this many drafts through every exit (for the thresholds)
@@ -250,14 +253,29 @@ class TargetBatch:
 
     def __init__(self):
         self.ticks, self.credit = 0, 0.0
+        self.batch: tuple | None = None  # the rows of the last choice
+        self.chosen: tuple = ({}, [], None, 0.0)  # its ks, choices, costs and round seconds
 
-    def caps(self, rows: list[Row], kinds: dict[bool, "TargetPolicy"], t: RoundCosts | None, plain: int
-             ) -> dict[str, int]:
-        """Each row's cap on drafts; `kinds`: the target's policy per greedy; `plain`: the batch's
-        rows with no choice (ar, fixed). With nothing measured to go by (a cost, or the kind's
-        acceptance), a row drafts as its profile says, which measures it."""
+    def caps(self, rows: list[Row], kinds: dict[bool, "TargetPolicy"], read: Callable[[], RoundCosts | None],
+             plain: int) -> dict[str, int]:
+        """Each row's cap on drafts; `kinds`: the target's policy per greedy; `read`: this tick's
+        RoundCosts; `plain`: the batch's rows with no choice (ar, fixed). With nothing measured to
+        go by (a cost, or the kind's acceptance), a row drafts as its profile says, which measures
+        it. The same rows as last tick keep their choices for up to RECHOOSE ticks: costs and
+        acceptance move slowly, and choosing costs Python time on every row of every tick."""
         self.ticks += 1
-        ks, choices = {}, []
+        batch = (tuple((r.seq_id, id(r.acceptance)) for r in rows), plain)
+        if batch != self.batch or self.ticks % RECHOOSE == 0:
+            self.batch, self.chosen = batch, self._choose(rows, kinds, read(), plain)
+        ks, choices, t, seconds = self.chosen
+        ks = dict(ks)
+        if choices:
+            self._look_around(choices, ks, t, seconds)
+        return ks
+
+    @staticmethod
+    def _choose(rows: list[Row], kinds: dict[bool, "TargetPolicy"], t: RoundCosts | None, plain: int) -> tuple:
+        ks, choices, seconds = {}, [], 0.0
         for r in rows:
             kind = kinds[r.greedy]
             if t is None or kind.acc.rounds < MIN_ROUNDS:
@@ -272,9 +290,7 @@ class TargetBatch:
                 kind.rate = rate / (len(rows) + plain)
         for kind in used:  # the gauge: what the rows chose, before they look around
             kind.last_k = max(ks[r.seq_id] for r in rows if kinds[r.greedy] is kind)
-        if choices:
-            self._look_around(choices, ks, t, seconds)
-        return ks
+        return ks, choices, t, seconds
 
     def _look_around(self, choices: list[Choice], ks: dict[str, int], t: RoundCosts, seconds: float):
         """Every EXPLORE_EVERY ticks the drafting rows try a neighbouring k; a row that does not draft
@@ -401,8 +417,9 @@ class DraftPolicy:
         out = {}
         for target, mine in by_target.items():
             kinds = {g: self.targets[target, g] for g in (True, False)}
-            t = RoundCosts.read(self.costs, target, batch[target], max(draft_rows, 1), kinds[True].k_max)
-            ks = self.batches[target].caps(mine, kinds, t, batch[target] - len(mine))
+            ks = self.batches[target].caps(mine, kinds, partial(RoundCosts.read, self.costs, target, batch[target],
+                                                                max(draft_rows, 1), kinds[True].k_max),
+                                           batch[target] - len(mine))
             thresholds = {}
             for g in {r.greedy for r in mine}:
                 kinds[g].ticks += 1
