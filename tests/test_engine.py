@@ -264,3 +264,18 @@ def test_a_failed_sequence_moved_by_compaction_leaves_no_bad_numbers_behind(fami
     out = v.verify([item("c", [1, 2, 3]), item("d", [4, 5, 6])])
     assert [o.error for o in out] == [None, None]
     assert [o.tokens for o in out] == [o.tokens for o in fresh.verify([item("c", [1, 2, 3]), item("d", [4, 5, 6])])]
+
+
+def test_the_demo_family_takes_chat_messages_and_continues_plain_prompts():
+    """The demo models are base models: a plain prompt is text to continue (`plain_prompts`), and
+    chat messages go through their plain-text template, so chat clients reach them too."""
+    from s2d.core.engine import build_frontends
+
+    frontend = build_frontends(load_config("demo"))["demo-l"]
+    tok = frontend.tokenizer
+    plain = frontend.sequence("a", Request(target="demo-l", prompt="import os", params=greedy(4)))
+    assert plain.prompt_ids == list(tok("import os")["input_ids"])
+    chat = frontend.sequence("b", Request(target="demo-l", messages=[{"role": "system", "content": "Be brief."},
+                                                                     {"role": "user", "content": "hi"}],
+                                          params=greedy(4)))
+    assert tok.decode(chat.prompt_ids).endswith("System: Be brief.\nUser: hi\nAssistant:")

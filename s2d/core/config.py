@@ -87,6 +87,9 @@ DraftSpec = ModelSpec  # the draft needs no more than any model
 class TargetSpec(ModelSpec):
     name: str
     profile: Profile = Field(default_factory=Profile)
+    # A base model's plain prompt is text to continue even where its tokenizer has a chat template
+    # (chat messages still go through the template); by default a plain prompt is the user turn.
+    plain_prompts: bool = False
 
 
 class Limits(Strict):

@@ -50,6 +50,7 @@ class TargetFrontend:
     def __init__(self, cfg: EngineConfig, name: str, exits: list[int], context: int):
         spec = cfg.target(name)
         self.name, self.profile, self.exits, self.limits = name, spec.profile, exits, cfg.limits
+        self.plain_prompts = spec.plain_prompts
         path = cfg.resolve(spec.path)
         self.tokenizer = load_tokenizer(path, spec.trust_remote_code)
         self.eos = eos_ids(self.tokenizer, path)
@@ -58,7 +59,7 @@ class TargetFrontend:
 
     def sequence(self, seq_id: str, req: Request, resume: list[int] = ()) -> Sequence:
         params = req.params
-        ids = encode_prompt(self.tokenizer, req.prompt, req.messages, req.raw)
+        ids = encode_prompt(self.tokenizer, req.prompt, req.messages, req.raw or self.plain_prompts)
         if not ids:
             raise RequestError("prompt", "empty prompt")
         if len(ids) > self.limits.max_prompt_tokens or len(ids) >= self.context:

@@ -33,6 +33,11 @@ QUICK = {"vocab": 512, "seq_len": 64, "batch_size": 4, "target_steps": {n: 3 for
 
 
 # Third-party packages differ per machine; tests and IDLE are large and unlike library code.
+# The demo models are base models (trained on Python source and its docs), not chat models: their
+# prompts are text to continue (plain_prompts), and this template only lets chat clients reach them,
+# each message as "Role: text", then "Assistant:".
+PLAIN_CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n{% endfor %}"
+                       "{% if add_generation_prompt %}Assistant:{% endif %}")
 SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}
 
 
@@ -41,6 +46,11 @@ def corpus_files(root: Path, pattern: str = "*.py", limit: int | None = None) ->
     files = sorted(p for p in root.rglob(pattern)
                    if not SKIP_DIRS & set(p.relative_to(root).parts) and p.stat().st_size > 2000)
     return files[:limit] if limit else files
+
+
+def add_plain_chat_template(tokenizer_dir: Path):
+    path = Path(tokenizer_dir) / "tokenizer_config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"chat_template": PLAIN_CHAT_TEMPLATE}, indent=2) + "\n")
 
 
 def split_files(files: list[Path], fraction: float, seed: int) -> tuple[list[Path], list[Path]]:
@@ -87,6 +97,7 @@ def build_demo(out: str | Path = DEMO_DIR, corpus: str | Path | None = None, doc
         train_tokenizer(texts, recipe["vocab"], tok_dir)
     else:  # a target is already built: keep its tokenizer (the family shares one)
         tok_dir = out / "demo-s"
+    add_plain_chat_template(tok_dir)
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
     data = pack(tok, texts, recipe["seq_len"])
     eval_data = pack(tok, [f.read_text(errors="ignore") for f in held + held_prose], recipe["seq_len"])
@@ -177,7 +188,8 @@ def default_config() -> dict:
         # greedy output. On this project's CPU bf16 was no faster anyway (`benchmarks/step_costs.py
         # --dtype bfloat16` against the configured run).
         "draft": {"path": "demo-draft", "max_seqs": 32, "dtype": "float32"},
-        "targets": [{"name": n, "path": n, "max_seqs": 32, "max_seq_len": 1024, "dtype": "float32",
+        "targets": [{"name": n, "path": n, "plain_prompts": True, "max_seqs": 32, "max_seq_len": 1024,
+                     "dtype": "float32",
                      "profile": {"thresholds": [0.5, 0.5, 0.0], "k_max": 5, "stop_threshold": 0.0}} for n in TARGETS],
         "limits": {"max_prompt_tokens": 768, "max_new_tokens": 256, "max_waiting": 128},
     }
