@@ -20,6 +20,7 @@ import torch
 
 from s2d.core.config import EngineConfig, SamplingParams
 from s2d.core.engine import Engine, Request
+from s2d.core.stats import Breakdown
 from s2d.train.tiny import llama_config, save_random_model, train_tokenizer
 from s2d.worker.draft import make_draft
 
@@ -65,7 +66,7 @@ def main():
                 seqs = [eng.scheduler.add(r) for r in reqs]
                 while any(not s.out for s in seqs):  # the prompts, in chunks: not what is measured
                     eng.step()
-                eng.scheduler.breakdown.__init__()
+                eng.scheduler.breakdown = Breakdown()
                 while any(not s.finished for s in seqs):
                     eng.step()
                 b = eng.scheduler.breakdown.to_dict()

@@ -130,12 +130,8 @@ class Sequence:
         self.emitted_at: list[float] = []  # when each round that emitted tokens was accepted
         self.ended_at = 0.0
 
-    @property
-    def tokens(self) -> list[int]:
-        return self.prompt_ids + self.out
-
     def _tokens(self, start: int, end: int) -> list[int]:
-        """tokens[start:end] without building the whole list."""
+        """(prompt_ids + out)[start:end] without building the whole list."""
         p = len(self.prompt_ids)
         return self.prompt_ids[start:end] + self.out[max(start - p, 0):max(end - p, 0)]
 
