@@ -141,6 +141,14 @@ class CellSpec(Strict):
     num_cpus: float = Field(0.0, ge=0)  # the cell's own process (scheduler, tokenizers)
 
 
+def _named(items: list, name: str, what: str):
+    """The item called `name`; a KeyError that lists the known names."""
+    found = next((x for x in items if x.name == name), None)
+    if found is None:
+        raise KeyError(f"unknown {what} {name!r}; known: {[x.name for x in items]}")
+    return found
+
+
 class EngineConfig(Strict):
     draft: DraftSpec
     targets: list[TargetSpec]
@@ -173,19 +181,13 @@ class EngineConfig(Strict):
         return self
 
     def cell(self, name: str) -> CellSpec:
-        for c in self.cells:
-            if c.name == name:
-                return c
-        raise KeyError(f"unknown cell {name!r}; known: {[c.name for c in self.cells]}")
+        return _named(self.cells, name, "cell")
 
     def cell_of(self, target: str) -> CellSpec:
         return next(c for c in self.cells if target in c.targets)
 
     def target(self, name: str) -> TargetSpec:
-        for t in self.targets:
-            if t.name == name:
-                return t
-        raise KeyError(f"unknown target {name!r}; known: {[t.name for t in self.targets]}")
+        return _named(self.targets, name, "target")
 
     def resolve(self, path: str) -> str:
         p = Path(path).expanduser()
