@@ -42,7 +42,7 @@ def mixed_jobs(prompts: list[str], n: int, max_tokens: int) -> list[Job]:
 def long_prompts(files: list[Path], tokenizer, n: int, lines: int = 170, max_tokens: int = 700,
                  seed: int = 0) -> list[str]:
     """`lines`-line windows of held-out code, cut from the end to at most `max_tokens` prompt tokens."""
-    from s2d.core.sequence import encode_prompt
+    from s2d.core.frontend import encode_prompt
 
     rng, out = random.Random(seed), []
     texts = [t.splitlines(keepends=True) for t in (f.read_text(errors="ignore") for f in files)]

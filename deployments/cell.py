@@ -17,8 +17,8 @@ from deployments.ray_executor import RayExecutor
 from s2d.core.config import EngineConfig
 from s2d.core.engine import engine_core, load_in_process
 from s2d.core.loop import EngineLoop
+from s2d.core.output import Delta
 from s2d.core.request import Request
-from s2d.core.sequence import Delta
 
 
 @serve.deployment

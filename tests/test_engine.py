@@ -150,6 +150,53 @@ def test_stop_string_ends_the_text(engine):
     res = engine.generate([Request(target="small", prompt="class A",
                                    params=greedy(40, stop=[stop], ignore_eos=True))])[0]
     assert res["finish_reason"] == "stop" and res["text"] == full[: full.find(stop)]
+    assert not engine.has_work or not engine.running  # the frontend found it; the scheduler dropped the sequence
+
+
+def test_the_loop_runs_the_frontend_off_the_scheduler_thread(engine):
+    """Served, a request's template, tokens, text and stop strings are worked out on the event loop
+    (EngineLoop.stream), and the scheduler's thread never calls the tokenizer; a stop string found
+    there ends the stream exactly where the in-process engine ends it, and frees the sequence."""
+    import asyncio
+    import threading
+
+    from s2d.core.loop import EngineLoop
+
+    req = Request(target="small", prompt="class A", params=greedy(40, ignore_eos=True))
+    full = engine.generate([req])[0]["text"]
+    stopped = Request(target="small", prompt="class A", params=greedy(40, stop=[full[5:8]], ignore_eos=True))
+    expected = engine.generate([stopped])[0]
+    tok = engine.frontends["small"].tokenizer
+    threads = set()
+    calls = {name: getattr(tok, name) for name in ("__call__", "decode", "apply_chat_template")}
+
+    class Spy(type(tok)):
+        def __call__(self, *a, **kw):
+            threads.add(threading.current_thread().name)
+            return calls["__call__"](*a, **kw)
+
+        def decode(self, *a, **kw):
+            threads.add(threading.current_thread().name)
+            return calls["decode"](*a, **kw)
+
+    loop = EngineLoop(engine.core)
+    tok.__class__ = Spy
+    try:
+        async def run():  # one event loop for both, as in a cell
+            out = []
+            for r in (stopped, req):
+                out.append([d async for d in loop.stream(r)])
+            return out
+
+        streamed, plain = asyncio.run(run())
+    finally:
+        tok.__class__ = Spy.__mro__[1]
+        loop.shutdown()
+    assert "".join(d.text for d in streamed) == expected["text"] and streamed[-1].finish_reason == "stop"
+    assert sum((d.token_ids for d in streamed), []) == expected["token_ids"]
+    assert "".join(d.text for d in plain) == full
+    assert threads and "s2d-scheduler" not in threads, threads
+    assert not engine.running and not engine.scheduler.waiting
 
 
 def test_stats_count_what_happened(engine):
@@ -269,13 +316,13 @@ def test_a_failed_sequence_moved_by_compaction_leaves_no_bad_numbers_behind(fami
 def test_the_demo_family_takes_chat_messages_and_continues_plain_prompts():
     """The demo models are base models: a plain prompt is text to continue (`plain_prompts`), and
     chat messages go through their plain-text template, so chat clients reach them too."""
-    from s2d.core.engine import build_frontends
+    from s2d.core.frontend import build_frontend
 
-    frontend = build_frontends(load_config("demo"))["demo-l"]
-    tok = frontend.tokenizer
-    plain = frontend.sequence("a", Request(target="demo-l", prompt="import os", params=greedy(4)))
+    frontend = build_frontend(load_config("demo"))
+    tok = frontend.targets["demo-l"].tokenizer
+    plain = frontend.prepare(Request(target="demo-l", prompt="import os", params=greedy(4)))
     assert plain.prompt_ids == list(tok("import os")["input_ids"])
-    chat = frontend.sequence("b", Request(target="demo-l", messages=[{"role": "system", "content": "Be brief."},
-                                                                     {"role": "user", "content": "hi"}],
-                                          params=greedy(4)))
+    chat = frontend.prepare(Request(target="demo-l", messages=[{"role": "system", "content": "Be brief."},
+                                                               {"role": "user", "content": "hi"}],
+                                    params=greedy(4)))
     assert tok.decode(chat.prompt_ids).endswith("System: Be brief.\nUser: hi\nAssistant:")

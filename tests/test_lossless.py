@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import s2d.worker.rejection
 from s2d.core.config import SamplingParams, load_config
 from s2d.core.engine import Engine, Request, greedy
-from s2d.core.sequence import encode_prompt
+from s2d.core.frontend import encode_prompt
 from s2d.tools.bench import heldout_code
 from s2d.train.tiny import llama_config, save_random_model
 from s2d.worker.draft import SortedDraft
@@ -133,16 +133,16 @@ def test_long_accepted_runs_are_not_charged_as_prefill(family):
                                                     "draft_policy": "static"})  # k = 16 every round
     eng = Engine.from_config(cfg)
     reqs = [Request(target="small", prompt=p, params=greedy(64, ignore_eos=True)) for p in PROMPTS[10:14]]
-    seqs = [eng.scheduler.add(r) for r in reqs]
+    outs = [eng.start(r) for r in reqs]
     for _ in range(200):
-        if all(s.finished for s in seqs):
+        if all(o.finished for o in outs):
             break
         eng.step()
-    assert all(s.finished for s in seqs), [len(s.out) for s in seqs]
+    assert all(o.finished for o in outs), [len(o.token_ids) for o in outs]
     ar = Engine.from_config(cfg).generate([Request(target="small", prompt=r.prompt, params=r.params, mode="ar")
                                            for r in reqs])
-    assert [s.out for s in seqs] == [r["token_ids"] for r in ar]
-    assert sum(s.stats.accepted for s in seqs) > 4 * 40
+    assert [o.token_ids for o in outs] == [r["token_ids"] for r in ar]
+    assert sum(o.stats.accepted for o in outs) > 4 * 40
 
 
 # -- greedy in bf16 ------------------------------------------------------------------------------

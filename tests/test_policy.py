@@ -207,9 +207,10 @@ def test_in_a_mixed_batch_each_request_drafts_by_its_own_acceptance(demo):
     tok = demo.frontends["demo-l"].tokenizer
     noise = [tok.decode([rng.randrange(tok.vocab_size) for _ in range(16)])
              for rng in (random.Random(seed) for seed in (1000, 1217, 819))]
-    seqs = [demo.scheduler.add(Request(target="demo-l", prompt=p, raw=True,
-                                       params=SamplingParams(max_tokens=n, ignore_eos=True)))
+    outs = [demo.start(Request(target="demo-l", prompt=p, raw=True,
+                               params=SamplingParams(max_tokens=n, ignore_eos=True)))
             for p, n in [("import os\n" * 12, 160)] + [(p, 32) for p in noise]]
+    seqs = [demo.running[o.seq_id] for o in outs]  # the scheduler's side: rounds and caps
     caps = [[] for _ in seqs]  # per request, its cap on drafts in each round
     while any(not s.finished for s in seqs):
         demo.step()
@@ -218,8 +219,8 @@ def test_in_a_mixed_batch_each_request_drafts_by_its_own_acceptance(demo):
                 history.append(s.drafting_k)
     code, *rest = caps
     assert code[:3] == [profile.k_max] * 3 and min(code[3:-1]) >= profile.k_max - 1, code  # k_max - 1: exploring
-    assert seqs[0].stats.mat > 5
-    for history, s in zip(rest, seqs[1:]):
+    assert outs[0].stats.mat > 5
+    for history, s in zip(rest, outs[1:]):
         later = history[3:]
         assert history[:3] == [profile.k_max] * 3, history
         # drafting only in lone probe rounds (at the row's top k), most rounds not at all
@@ -251,12 +252,13 @@ def test_a_one_off_request_drafts_from_its_first_round(demo):
     profile = load_config("demo").target("demo-l").profile
     demo.set_profile("demo-l", profile)
     demo.scheduler.policy.costs = StepCosts()
-    seq = demo.scheduler.add(Request(target="demo-l", prompt="def read_config(path):\n",
-                                     params=SamplingParams(max_tokens=40, ignore_eos=True)))
+    out = demo.start(Request(target="demo-l", prompt="def read_config(path):\n",
+                             params=SamplingParams(max_tokens=40, ignore_eos=True)))
+    seq = demo.running[out.seq_id]
     demo.step()
-    assert seq.round == 1 and seq.drafting_k == profile.k_max and seq.stats.drafted > 0
+    assert seq.round == 1 and seq.drafting_k == profile.k_max and out.stats.drafted > 0
     caps = [seq.drafting_k]
     while not seq.finished:
         demo.step()
         caps.append(seq.drafting_k)
-    assert caps[:8] == [profile.k_max] * 8 and seq.stats.proposed_at[0] >= 8
+    assert caps[:8] == [profile.k_max] * 8 and out.stats.proposed_at[0] >= 8

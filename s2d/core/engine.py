@@ -8,19 +8,15 @@ from collections.abc import Iterator
 from s2d.core.config import EngineConfig, Limits, Profile, SamplingParams
 from s2d.core.engine_core import EngineCore
 from s2d.core.executor import Executor, InProcessExecutor
+from s2d.core.frontend import build_frontend
+from s2d.core.output import Delta, RequestOutput
 from s2d.core.request import Overloaded, Request, RequestError, UnknownTarget
 from s2d.core.scheduler import Scheduler
-from s2d.core.sequence import Delta, DraftPlan, Sequence, encode_prompt, eos_ids
-from s2d.worker.draft import SortedDraft, read_exits
+from s2d.core.sequence import Sequence
+from s2d.worker.draft import SortedDraft
 from s2d.worker.graphs import attach, warm_up
-from s2d.worker.model import CausalLM, context_length, load_hf_config
+from s2d.worker.model import CausalLM
 from s2d.worker.workers import Proposer, Verifier
-
-
-def load_tokenizer(path: str, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
 def load_draft(cfg: EngineConfig) -> SortedDraft:
@@ -43,50 +39,6 @@ def load_target(cfg: EngineConfig, name: str) -> CausalLM:
     return lm
 
 
-class TargetFrontend:
-    """What admission needs to know of a target: tokenizer, EOS, profile, context. Used by the
-    engine and by the Ray router (which holds no model)."""
-
-    def __init__(self, cfg: EngineConfig, name: str, exits: list[int], context: int):
-        spec = cfg.target(name)
-        self.name, self.profile, self.exits, self.limits = name, spec.profile, exits, cfg.limits
-        self.plain_prompts = spec.plain_prompts
-        path = cfg.resolve(spec.path)
-        self.tokenizer = load_tokenizer(path, spec.trust_remote_code)
-        self.eos = eos_ids(self.tokenizer, path)
-        self.context = context
-        DraftPlan.for_mode("s2d", spec.profile, exits)  # a profile that does not fit the draft fails at start
-
-    def sequence(self, seq_id: str, req: Request, resume: list[int] = ()) -> Sequence:
-        params = req.params
-        ids = encode_prompt(self.tokenizer, req.prompt, req.messages, req.raw or self.plain_prompts)
-        if not ids:
-            raise RequestError("prompt", "empty prompt")
-        if len(ids) > self.limits.max_prompt_tokens or len(ids) >= self.context:
-            raise RequestError("prompt", f"{len(ids)} tokens is longer than the limit "
-                               f"{min(self.limits.max_prompt_tokens, self.context - 1)}")
-        if req.fit_context and len(ids) + params.max_tokens > self.context:  # a default, not the client's ask
-            params = params.model_copy(update={"max_tokens": self.context - len(ids)})
-        if len(ids) + params.max_tokens > self.context:
-            raise RequestError("max_tokens", f"prompt ({len(ids)}) + max_tokens ({params.max_tokens}) exceeds "
-                               f"the context ({self.context})")
-        plan = DraftPlan.for_mode(req.mode, self.profile, self.exits)
-        return Sequence(seq_id, self.name, ids, params, plan, self.tokenizer, self.eos, self.context, resume)
-
-
-def build_frontends(cfg: EngineConfig) -> dict[str, TargetFrontend]:
-    """Every target's frontend, from the checkpoints' configs alone (no weights loaded)."""
-    d = cfg.draft
-    draft_path = cfg.resolve(d.path)
-    exits = read_exits(draft_path)
-    draft_ctx = context_length(load_hf_config(draft_path, d.trust_remote_code), d.max_seq_len)
-    out = {}
-    for t in cfg.targets:
-        ctx = context_length(load_hf_config(cfg.resolve(t.path), t.trust_remote_code), t.max_seq_len)
-        out[t.name] = TargetFrontend(cfg, t.name, exits, min(ctx, draft_ctx))
-    return out
-
-
 def check_vocab(draft_vocab: int, target_vocabs: dict[str, int]):
     for n, v in target_vocabs.items():
         if v != draft_vocab:
@@ -106,22 +58,24 @@ def engine_core(cfg: EngineConfig, executor: Executor, targets: list[str] | None
     """The scheduler for the given targets (default: all), with the config's slots and limits, over
     `executor`; `pipeline` takes effect where the executor keeps two ticks in flight."""
     targets = targets or [t.name for t in cfg.targets]
-    frontends = build_frontends(cfg)
-    scheduler = Scheduler({t: frontends[t] for t in targets}, cfg.limits, cfg.draft.max_seqs,
+    scheduler = Scheduler(build_frontend(cfg, targets), cfg.limits, cfg.draft.max_seqs,
                           {t: cfg.target(t).max_seqs for t in targets}, pipeline and executor.max_inflight > 1,
                           cfg.scheduling)
     return EngineCore(scheduler, executor)
 
 
 class Engine:
-    """The scheduler and the models in this process; `step()` runs one tick."""
+    """The scheduler and the models in this process, and the frontend on the caller's thread:
+    `start` queues a request, `step()` runs one tick and returns what it added to each request."""
 
     def __init__(self, cfg: EngineConfig, executor: InProcessExecutor):
         self.cfg = cfg
         self.proposer, self.verifiers = executor.proposer, executor.verifiers
         self.core = engine_core(cfg, executor)
         self.scheduler = self.core.scheduler
-        self.frontends = self.scheduler.frontends
+        self.frontend = self.scheduler.frontend
+        self.frontends = self.frontend.targets
+        self.outputs: dict[str, RequestOutput] = {}  # the live requests started here
 
     @classmethod
     def from_config(cls, cfg: EngineConfig) -> "Engine":
@@ -135,14 +89,34 @@ class Engine:
         self.frontends[target].profile = profile
         self.scheduler.policy.reset(target, profile)
 
+    def start(self, request: Request) -> RequestOutput:
+        """Queue a request; its deltas come from `step()`, its result, once finished, is
+        `output.result()`."""
+        p = self.frontend.prepare(request)
+        seq = self.scheduler.add(p)
+        out = self.outputs[seq.seq_id] = self.frontend.output(seq.seq_id, p)
+        return out
+
     def add_request(self, req: Request) -> str:
-        return self.scheduler.add(req).seq_id
+        return self.start(req).seq_id
 
     def abort(self, seq_id: str):
+        self.outputs.pop(seq_id, None)
         self.scheduler.abort(seq_id)
 
     def step(self) -> list[Delta]:
-        return self.core.step()
+        deltas = []
+        for t in self.core.step():
+            out = self.outputs.get(t.seq_id)
+            d = out.add(t) if out else None
+            if d is None:
+                continue
+            deltas.append(d)
+            if out.finished:  # a stop string ends it here; the scheduler then forgets it
+                del self.outputs[t.seq_id]
+                if not t.finished:
+                    self.scheduler.abort(t.seq_id)
+        return deltas
 
     @property
     def running(self) -> dict[str, Sequence]:
@@ -155,20 +129,16 @@ class Engine:
     # -- conveniences --------------------------------------------------------------------------
     def generate(self, requests: list[Request]) -> list[dict]:
         """Run requests to completion together; results in request order."""
-        seqs = [self.scheduler.add(r) for r in requests]
-        while any(not s.finished for s in seqs):
+        outs = [self.start(r) for r in requests]
+        while any(not o.finished for o in outs):
             self.step()
-        return [s.result() for s in seqs]
+        return [o.result() for o in outs]
 
-    def start(self, request: Request) -> Sequence:
-        """Queue a request; its result, once finished, is `seq.result()`."""
-        return self.scheduler.add(request)
-
-    def deltas(self, seq: Sequence) -> Iterator[Delta]:
-        """Run ticks until `seq` finishes, yielding what each added to it."""
-        while not seq.finished:
+    def deltas(self, out: RequestOutput) -> Iterator[Delta]:
+        """Run ticks until `out` finishes, yielding what each added to it."""
+        while not out.finished:
             for d in self.step():
-                if d.seq_id == seq.seq_id:
+                if d.seq_id == out.seq_id:
                     yield d
 
     def stream(self, request: Request) -> Iterator[Delta]:

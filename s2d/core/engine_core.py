@@ -12,7 +12,7 @@ from collections import deque
 
 from s2d.core.executor import Executor
 from s2d.core.scheduler import Planned, Scheduler
-from s2d.core.sequence import Delta
+from s2d.core.sequence import TokenDelta
 
 
 class EngineCore:
@@ -25,7 +25,7 @@ class EngineCore:
     def has_work(self) -> bool:
         return self.scheduler.has_work
 
-    def step(self) -> list[Delta]:
+    def step(self) -> list[TokenDelta]:
         """Submit a tick for every cohort with none in flight, then finish the oldest in flight and
         return what it added to each sequence."""
         t0 = time.perf_counter()

@@ -1,8 +1,10 @@
 """The scheduler on a thread of its own, for asyncio servers (the Ray serving cell).
 
 The thread is the only one that touches the scheduler, so a sequence's state has one owner:
-requests and aborts reach it through an inbox, deltas leave through each request's asyncio queue.
-Ticks block on the executor, never the event loop. Every request has a deadline
+requests and aborts reach it through an inbox, token deltas leave through each request's asyncio
+queue. The frontend's work (chat templates, tokenization, detokenization, stop strings) runs in
+`stream`, on the event loop, so the scheduler's thread spends its time on ticks; and the tokenizer
+is used by one thread only. Ticks block on the executor, never the event loop. Every request has a deadline
 (Request.deadline_s); `report`, when given, gets Scheduler.load() about once a second, on the
 scheduler's thread (a metrics exporter's gauges)."""
 from __future__ import annotations
@@ -17,8 +19,8 @@ from collections.abc import AsyncIterator, Callable
 import torch
 
 from s2d.core.engine_core import EngineCore
+from s2d.core.output import Delta
 from s2d.core.request import DeadlineExceeded, Request, RequestFailed
-from s2d.core.sequence import Delta
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +47,17 @@ class EngineLoop:
         (cancellation, a client gone, the deadline) aborts the request and frees its caches."""
         loop = asyncio.get_running_loop()
         started = loop.time()
+        prepared = self.scheduler.frontend.prepare(req)
         admitted: asyncio.Future = loop.create_future()
         out: asyncio.Queue = asyncio.Queue()
-        self.inbox.put(("add", req, list(resume), loop, admitted, out))
+        self.inbox.put(("add", prepared, list(resume), loop, admitted, out))
         try:
             seq_id = await asyncio.shield(admitted)
         except asyncio.CancelledError:  # gone before admission: abort once admitted
             admitted.add_done_callback(lambda f: f.exception() or self.inbox.put(("abort", f.result())))
             raise
-        timeout = req.deadline_s(self.scheduler.limits)  # the scheduler has checked the request
+        output = self.scheduler.frontend.output(seq_id, prepared, resume)
+        timeout = req.deadline_s(self.scheduler.limits)  # the frontend has checked the request
         # the deadline arrives as an item of the request's queue: no timer per delta
         timer = loop.call_at(started + timeout, out.put_nowait,
                              DeadlineExceeded(f"the request ran past its deadline of {timeout:g} s"))
@@ -66,14 +70,16 @@ class EngineLoop:
                         raise item
                     if item.error:
                         raise RequestFailed(f"the engine failed on request {item.seq_id}: {item.error}")
-                    pending = item if pending is None else pending.then(item)
-                    if item.finished or out.empty():
+                    d = output.add(item)
+                    if d is not None:
+                        pending = d if pending is None else pending.then(d)
+                    if output.finished or out.empty():
                         break
                     item = out.get_nowait()
-                if pending.finished:
+                if output.finished:  # at EOS or length, or a stop string (the finally aborts the sequence)
                     yield pending
                     return
-                if not final_only:
+                if pending is not None and not final_only:
                     yield pending
                     pending = None
         finally:
@@ -94,9 +100,9 @@ class EngineLoop:
                 return
             block = False
             if msg[0] == "add":
-                _, req, resume, loop, admitted, out = msg
+                _, prepared, resume, loop, admitted, out = msg
                 try:
-                    seq = self.scheduler.add(req, resume)
+                    seq = self.scheduler.add(prepared, resume)
                 except Exception as e:  # noqa: BLE001 - the caller gets it
                     loop.call_soon_threadsafe(_set, admitted, None, e)
                     continue
@@ -143,7 +149,10 @@ class EngineLoop:
     def _send(self, seq_id: str, item):
         if seq_id in self.outputs:
             loop, out = self.outputs[seq_id]
-            loop.call_soon_threadsafe(out.put_nowait, item)
+            try:
+                loop.call_soon_threadsafe(out.put_nowait, item)
+            except RuntimeError:  # its event loop has closed: no one is listening
+                self.outputs.pop(seq_id, None)
 
 
 def _set(fut: asyncio.Future, value, exc):

@@ -1,9 +1,9 @@
 """A request and the one validation path every entry point takes: the in-process engine and gRPC
 unary and stream (deployments/router.py). `parse_request` turns wire data (a dict from a proto
 message, or JSON) into a `Request`; `check_request` checks any `Request` against the config's limits.
-The scheduler calls `check_request` on every request it is given, and the ingress calls it at the
+The frontend calls `check_request` on every request it prepares, and the ingress calls it at the
 edge, so a malformed request never reaches a cell; what needs the target's tokenizer (prompt tokens,
-the context, the chat template, the mode's exit) follows in the cell (TargetFrontend.sequence).
+the context, the chat template, the mode's exit) follows in the cell (TargetFrontend.prepare).
 Every refusal is a RequestError that names the field."""
 from __future__ import annotations
 
@@ -134,7 +134,7 @@ def check_name(name: str, s, rule: tuple[re.Pattern, str] = NAME):
 def check_request(req: Request, limits: Limits) -> Request:
     """Refuse what no target could serve: malformed fields and anything past the config's limits.
     Checks that need the target (prompt tokens, the mode's exit, the chat template) follow in
-    TargetFrontend.sequence."""
+    TargetFrontend.prepare."""
     check_name("target", req.target)
     check_name("mode", req.mode)
     if req.request_id is not None:

@@ -1,8 +1,9 @@
 """The one scheduler: continuous batching over every live sequence of every target, in process
 (s2d/core/engine.py) and in a Ray serving cell (deployments/cell.py) alike.
 
-It owns request validation, request ids, admission by free KV slots, overload, abort and release;
-each sequence's state lives here and nowhere else. It decides and it updates; it never runs or
+It owns request ids, admission by free KV slots, overload, abort and release; each sequence's
+token state lives here and nowhere else. It sees token ids only: the frontend (s2d/core/frontend.py)
+checks and tokenizes requests and turns the token deltas into text. It decides and it updates; it never runs or
 waits on a tick: `schedule` plans the ticks (a tick drafts for its sequences in one propose call and
 verifies each target's in one forward, s2d/core/executor.py), the engine core
 (s2d/core/engine_core.py) runs them on an executor, and `update` takes each result back. With
@@ -19,9 +20,10 @@ from dataclasses import dataclass
 
 from s2d.core.config import Limits, Scheduling
 from s2d.core.executor import Tick, TickResult
+from s2d.core.frontend import Frontend, Prepared
 from s2d.core.policy import DraftPolicy, Row
-from s2d.core.request import DuplicateRequest, Overloaded, Request, RequestError, UnknownTarget, check_request
-from s2d.core.sequence import Delta, Sequence
+from s2d.core.request import DuplicateRequest, Overloaded, Request, RequestError, UnknownTarget
+from s2d.core.sequence import Sequence, TokenDelta
 from s2d.core.stats import Breakdown
 
 log = logging.getLogger(__name__)
@@ -37,11 +39,11 @@ class Planned:
 
 
 class Scheduler:
-    def __init__(self, frontends: dict, limits: Limits, draft_slots: int, target_slots: dict[str, int],
+    def __init__(self, frontend: Frontend, limits: Limits, draft_slots: int, target_slots: dict[str, int],
                  pipeline: bool = False, scheduling: Scheduling | None = None):
         """`pipeline`: two cohorts, for an executor with two ticks in flight."""
         scheduling = scheduling or Scheduling()
-        self.frontends, self.limits = frontends, limits
+        self.frontend, self.frontends, self.limits = frontend, frontend.targets, limits
         self.sched = scheduling
         self.draft_slots, self.target_slots = draft_slots, target_slots
         self.pipeline = pipeline
@@ -51,26 +53,25 @@ class Scheduler:
         self.planned: dict[int, list[Sequence]] = {}  # cohort -> its sequences, while its tick is in flight
         self.to_release: list[str] = []
         self.breakdown = Breakdown()
-        exits = next(iter(frontends.values())).exits if frontends else []
-        self.policy = DraftPolicy({t: f.profile for t, f in frontends.items()}, exits, scheduling.draft_policy,
+        exits = next(iter(self.frontends.values())).exits if self.frontends else []
+        self.policy = DraftPolicy({t: f.profile for t, f in self.frontends.items()}, exits, scheduling.draft_policy,
                                   scheduling.online_thresholds)
         self._id_prefix = uuid.uuid4().hex[:8]  # ids unique across cell replicas
         self._ids = 0
 
     # -- requests ------------------------------------------------------------------------------
-    def add(self, req: Request, resume: list[int] = ()) -> Sequence:
-        """Validate and queue a request; bad input raises RequestError naming the field, a full
-        queue raises Overloaded. `resume`: output tokens the client already has."""
-        check_request(req, self.limits)
-        if req.target not in self.frontends:
-            raise UnknownTarget(req.target, sorted(self.frontends))
+    def add(self, req: Prepared | Request, resume: list[int] = ()) -> Sequence:
+        """Queue a request prepared by the frontend (a Request is prepared here, on the caller's
+        thread: tests and tools); a full queue raises Overloaded, a live request_id
+        DuplicateRequest. `resume`: output tokens the client already has."""
+        p = self.frontend.prepare(req) if isinstance(req, Request) else req
         if len(self.waiting) >= self.limits.max_waiting:
             raise Overloaded(f"{len(self.waiting)} requests already wait (limit {self.limits.max_waiting})")
         self._ids += 1
-        seq_id = req.request_id or f"req-{self._id_prefix}-{self._ids}"
+        seq_id = p.request_id or f"req-{self._id_prefix}-{self._ids}"
         if seq_id in self.running or any(s.seq_id == seq_id for s in self.waiting):
             raise DuplicateRequest("request_id", f"{seq_id!r} is already live")
-        seq = self.frontends[req.target].sequence(seq_id, req, resume)
+        seq = Sequence(seq_id, p.target, p.prompt_ids, p.params, p.plan, p.eos, p.context, resume)
         self.waiting.append(seq)
         self._admit()  # at once where a slot is free: the queue bound counts only what must wait
         return seq
@@ -147,7 +148,7 @@ class Scheduler:
                 self.planned[c] = seqs
         return out
 
-    def update(self, planned: Planned, result: TickResult) -> list[Delta]:
+    def update(self, planned: Planned, result: TickResult) -> list[TokenDelta]:
         """A planned tick's result: each sequence's round accepted (its acceptance fed to the
         policy); what it added to each sequence."""
         del self.planned[planned.cohort]
@@ -206,7 +207,7 @@ class Scheduler:
             log.exception("the draft policy failed; this tick runs with the configured profiles")
             return None
 
-    def _accept(self, seqs: list[Sequence], result: TickResult) -> list[Delta]:
+    def _accept(self, seqs: list[Sequence], result: TickResult) -> list[TokenDelta]:
         outcomes = result.outcomes
         deltas = []
         for s in seqs:
@@ -217,7 +218,7 @@ class Scheduler:
                 self._policy(self.policy.record, (s.target, s.params.greedy), s.acceptance, s.drafting_k, o)
             try:
                 d = s.accept(o)
-            except Exception as e:  # noqa: BLE001 - e.g. its detokenization: this request alone fails
+            except Exception as e:  # noqa: BLE001 - this request alone fails
                 log.exception("request %s failed", s.seq_id)
                 d = s.fail(f"{type(e).__name__}: {e}")
             if d is None:

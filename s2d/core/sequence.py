@@ -1,7 +1,7 @@
 """One request's token state and the rules of a round: how many tokens to draft, what to send
-to the verifier, how accepted tokens end a request (EOS, stop strings, max_tokens). The one
-scheduler (s2d/core/scheduler.py) keeps them, in process and in a serving cell alike, so both decode
-exactly alike."""
+to the verifier, how accepted tokens end a request (EOS, max_tokens). The one scheduler
+(s2d/core/scheduler.py) keeps them, in process and in a serving cell alike, so both decode exactly
+alike. Token ids only: text and stop strings are the frontend's (s2d/core/output.py)."""
 from __future__ import annotations
 
 import random
@@ -9,11 +9,9 @@ import time
 from dataclasses import dataclass
 
 from s2d.core.config import Profile, SamplingParams
-from s2d.core.detok import Detokenizer
 from s2d.core.executor import Outcome, Work
 from s2d.core.policy import Acceptance
 from s2d.core.request import RequestError
-from s2d.core.stats import SpecStats
 from s2d.worker.workers import INLINE_TOKENS
 
 
@@ -46,89 +44,40 @@ class DraftPlan:
         raise RequestError("mode", f"{mode!r} is not one of s2d, ar, fixed:E")
 
 
-def encode_prompt(tokenizer, prompt: str | None, messages: list[dict] | None, raw: bool) -> list[int]:
-    """Chat messages through the chat template; a plain prompt is the user turn where the tokenizer
-    has a template (unless raw), else tokenized as plain text."""
-    if messages:
-        if not getattr(tokenizer, "chat_template", None):
-            raise RequestError("messages", "this model's tokenizer has no chat template")
-        return apply_template(tokenizer, messages, "messages")
-    if not prompt:
-        raise RequestError("prompt", "empty prompt")
-    if getattr(tokenizer, "chat_template", None) and not raw:
-        return apply_template(tokenizer, [{"role": "user", "content": prompt}], "prompt")
-    return list(tokenizer(prompt)["input_ids"])
-
-
-def apply_template(tokenizer, messages: list[dict], field: str) -> list[int]:
-    """A template may refuse a conversation (Llama 2's: roles must alternate): the client's mistake."""
-    from jinja2 import TemplateError
-
-    try:
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                  return_dict=False))
-    except TemplateError as e:
-        raise RequestError(field, f"the chat template refused it: {e}") from None
-
-
-def eos_ids(tokenizer, model_dir: str | None = None) -> set[int]:
-    ids = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    if model_dir:
-        try:
-            from transformers import GenerationConfig
-
-            e = GenerationConfig.from_pretrained(model_dir).eos_token_id
-            ids.update(e if isinstance(e, list) else [] if e is None else [e])
-        except OSError:
-            pass
-    return ids
-
-
 @dataclass
-class Delta:
-    """What one round added to a request: streamed to its client."""
+class TokenDelta:
+    """What one round added to a sequence, as the scheduler sees it: token ids, the round's drafts,
+    and when (the frontend, s2d/core/output.py, turns these into what the client reads)."""
 
     seq_id: str
     token_ids: list[int]
-    text: str
+    drafted: int
+    accepted: int
+    exits: list[int]  # exit depth of each draft
+    at: float  # when the round was accepted (perf_counter)
+    admitted: float  # when the sequence was admitted (perf_counter)
     finished: bool = False
-    finish_reason: str | None = None
-    usage: dict | None = None  # on the last delta
-    stats: dict | None = None  # on the last delta
-    error: str | None = None  # finish_reason "error": why the engine failed on this request alone
-    timing: dict | None = None  # on the last delta: Sequence.timing()
-
-    def then(self, later: "Delta") -> "Delta":
-        """This delta followed by a later one of the same sequence, as one."""
-        return Delta(self.seq_id, self.token_ids + later.token_ids, self.text + later.text, later.finished,
-                     later.finish_reason, later.usage, later.stats, later.error, later.timing)
+    finish_reason: str | None = None  # stop (EOS) | length | error
+    error: str | None = None  # why the engine failed on this request alone
 
 
 class Sequence:
     def __init__(self, seq_id: str, target: str, prompt_ids: list[int], params: SamplingParams,
-                 plan: DraftPlan, tokenizer, eos: set[int], context: int, resume: list[int] = ()):
+                 plan: DraftPlan, eos: set[int], context: int, resume: list[int] = ()):
         self.seq_id, self.target, self.params, self.plan = seq_id, target, params, plan
         self.prompt_ids = prompt_ids
         self.out: list[int] = list(resume)  # tokens a client already has (a request resent after a failure)
         self.synced = 0  # the workers hold tokens[:synced]
         self.cached_drafts = 0  # and this many more: the drafts the last round accepted, which they added
-        self.tokenizer, self.eos = tokenizer, set() if params.ignore_eos else eos
+        self.eos = eos
         self.context = context  # positions the caches hold
         self.seed = params.seed if params.seed is not None else random.getrandbits(62)
         self.round = 0
         self.drafting_k = 0  # the cap on drafts of the work in flight
         self.drafted_upto = 0  # the draft has seen tokens[:drafted_upto] (it never sees work with k = 0)
         self.acceptance = Acceptance()  # its own, per draft position: the draft policy's estimate of it
-        self.stats = SpecStats()
-        self.detok = Detokenizer(tokenizer, self.out)
-        self.text = self.detok.text
-        self.sent = len(self.text)  # what the client was sent
         self.finished, self.finish_reason, self.error = False, None, None
-        self.arrived = self.t0 = time.perf_counter()  # t0: admission (the scheduler sets it)
-        self.emitted_at: list[float] = []  # when each round that emitted tokens was accepted
-        self.ended_at = 0.0
+        self.t0 = time.perf_counter()  # admission (the scheduler sets it)
 
     def _tokens(self, start: int, end: int) -> list[int]:
         """(prompt_ids + out)[start:end] without building the whole list."""
@@ -175,7 +124,7 @@ class Sequence:
         self.synced, self.cached_drafts = end, 0
         return w, budget if chunk else pending
 
-    def accept(self, o: Outcome) -> Delta | None:
+    def accept(self, o: Outcome) -> TokenDelta | None:
         """Apply a tick's outcome; None when there is nothing to tell the client: a prompt chunk was
         prefilled, or a worker asked for the full token list (sent next tick)."""
         if o.resync:
@@ -187,8 +136,6 @@ class Sequence:
             return None
         self.round += 1
         self.cached_drafts = o.accepted
-        self.stats.record(len(o.drafts), o.accepted, len(o.tokens), o.exits)
-        self.emitted_at.append(time.perf_counter())
         new = []
         for t in o.tokens:
             new.append(t)
@@ -199,45 +146,15 @@ class Sequence:
             if len(self.out) >= self.params.max_tokens:
                 self._finish("length")
                 break
-        stable = self.detok.push(new)
-        text = self.detok.full() if self.finished or self.params.stop else stable  # stops match the tail too
-        for stop in self.params.stop:
-            at = text.find(stop, max(0, self.sent - len(stop)))
-            if at >= 0:
-                text = text[:at]
-                self._finish("stop")
-        self.text = text if self.finished else stable  # unfinished: no stop was found in the tail
-        end = len(self.text)
-        delta, self.sent = self.text[self.sent:end], max(self.sent, end)
-        if not self.finished:
-            return Delta(self.seq_id, new, delta)
-        return Delta(self.seq_id, new, delta, True, self.finish_reason, self.usage(), self.stats.to_dict(),
-                     timing=self.timing())
+        return TokenDelta(self.seq_id, new, len(o.drafts), o.accepted, o.exits, time.perf_counter(), self.t0,
+                          self.finished, self.finish_reason)
 
-    def fail(self, error: str) -> Delta:
+    def fail(self, error: str) -> TokenDelta:
         """End this request alone: the engine failed on it (its batch-mates go on)."""
         self.error = error
         self._finish("error")
-        return Delta(self.seq_id, [], "", True, "error", self.usage(), self.stats.to_dict(), error)
+        return TokenDelta(self.seq_id, [], 0, 0, [], time.perf_counter(), self.t0, True, "error", error)
 
     def _finish(self, reason: str):
         if not self.finished:
             self.finished, self.finish_reason = True, reason
-            self.ended_at = time.perf_counter()
-            self.stats.wall_s = self.ended_at - self.t0
-
-    def timing(self) -> dict:
-        """Engine-side latencies of a finished request, from its arrival in the scheduler: queue,
-        time to first token, end to end, and the gaps between the rounds that emitted tokens
-        (what a streaming client waits between chunks; a round may emit several tokens)."""
-        at = self.emitted_at
-        return {"queue_s": self.t0 - self.arrived, "ttft_s": (at[0] if at else self.ended_at) - self.arrived,
-                "e2e_s": self.ended_at - self.arrived, "itl_s": [b - a for a, b in zip(at, at[1:])]}
-
-    def usage(self) -> dict:
-        return {"prompt_tokens": len(self.prompt_ids), "completion_tokens": len(self.out)}
-
-    def result(self) -> dict:
-        out = {"text": self.text, "token_ids": list(self.out), "finish_reason": self.finish_reason,
-               "usage": self.usage(), "stats": self.stats.to_dict()}
-        return out | ({"error": self.error} if self.error else {})
