@@ -16,11 +16,17 @@ from s2d.core.sequence import Sequence
 from s2d.worker.draft import SortedDraft
 from s2d.worker.graphs import attach, warm_up
 from s2d.worker.model import CausalLM
+from s2d.worker.threads import on_passing_thread
 from s2d.worker.workers import Proposer, Verifier
 
 
 def load_draft(cfg: EngineConfig) -> SortedDraft:
-    """The shared draft, its static segments compiled (s2d/worker/graphs.py)."""
+    """The shared draft, its static segments compiled (s2d/worker/graphs.py), on a passing thread
+    (s2d/worker/threads.py: the thread that serves it keeps the only OpenMP team)."""
+    return on_passing_thread(_load_draft, cfg)
+
+
+def _load_draft(cfg: EngineConfig) -> SortedDraft:
     d = cfg.draft
     draft = SortedDraft.from_pretrained(cfg.resolve(d.path), n_slots=d.max_seqs, max_len=d.max_seq_len, dtype=d.dtype,
                                         devices=d.placement, trust_remote_code=d.trust_remote_code,
@@ -30,7 +36,11 @@ def load_draft(cfg: EngineConfig) -> SortedDraft:
 
 
 def load_target(cfg: EngineConfig, name: str) -> CausalLM:
-    """A target, its static forward compiled (s2d/worker/graphs.py)."""
+    """A target, its static forward compiled (s2d/worker/graphs.py), on a passing thread (as the draft)."""
+    return on_passing_thread(_load_target, cfg, name)
+
+
+def _load_target(cfg: EngineConfig, name: str) -> CausalLM:
     t = cfg.target(name)
     lm = attach(CausalLM.from_pretrained(cfg.resolve(t.path), n_slots=t.max_seqs, max_len=t.max_seq_len, dtype=t.dtype,
                                          devices=t.placement, trust_remote_code=t.trust_remote_code,
