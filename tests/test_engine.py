@@ -326,3 +326,24 @@ def test_the_demo_family_takes_chat_messages_and_continues_plain_prompts():
                                                                {"role": "user", "content": "hi"}],
                                     params=greedy(4)))
     assert tok.decode(chat.prompt_ids).endswith("System: Be brief.\nUser: hi\nAssistant:")
+
+
+def test_models_load_on_a_passing_thread_at_the_callers_thread_count():
+    """s2d/worker/threads.py: the load runs on a thread that ends (its OpenMP team with it), with the
+    caller's torch thread count (a package is built for the count it runs with); errors come back."""
+    import threading
+
+    import torch
+
+    from s2d.worker.threads import on_passing_thread
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        name, n = on_passing_thread(lambda: (threading.current_thread().name, torch.get_num_threads()))
+    finally:
+        torch.set_num_threads(before)
+    assert name == "s2d-load" and name != threading.current_thread().name and n == 1
+    assert not any(t.name == "s2d-load" for t in threading.enumerate())
+    with pytest.raises(ValueError, match="bad weights"):
+        on_passing_thread(lambda: (_ for _ in ()).throw(ValueError("bad weights")))
