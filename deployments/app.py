@@ -3,6 +3,7 @@ and wires one Cell deployment per configured cell (each a placement group holdin
 draft and its targets) behind the thin gRPC ingress."""
 from __future__ import annotations
 
+from deployments.autoscale import POLICY
 from deployments.cell import Cell
 from deployments.ray_executor import cell_bundles
 from deployments.router import S2DRouter
@@ -15,8 +16,8 @@ def _options(cfg: EngineConfig, cell: CellSpec) -> dict:
     live = sum(cfg.target(t).max_seqs for t in cell.targets) + cfg.limits.max_waiting + 16
     opts = {"ray_actor_options": {"num_cpus": bundles[0]["CPU"]}, "placement_group_bundles": bundles,
             "placement_group_strategy": "PACK", "max_ongoing_requests": live}
-    if cell.autoscaling:
-        opts["autoscaling_config"] = cell.autoscaling
+    if cell.autoscaling:  # on KV slots and waiting requests unless the config names its own policy
+        opts["autoscaling_config"] = {"policy": {"policy_function": POLICY}, **cell.autoscaling}
     else:
         opts["num_replicas"] = cell.num_replicas
     return opts

@@ -12,18 +12,22 @@ from collections.abc import AsyncIterator
 import torch
 from ray import serve
 
+from deployments.autoscale import METRIC
 from deployments.metrics import LoadMetrics
+from deployments.quiet import install_quiet_refusals
 from deployments.ray_executor import RayExecutor
 from s2d.core.config import EngineConfig
 from s2d.core.engine import engine_core, load_in_process
 from s2d.core.loop import EngineLoop
 from s2d.core.output import Delta
 from s2d.core.request import Request
+from s2d.core.scheduler import Scheduler
 
 
 @serve.deployment
 class Cell:
     def __init__(self, config: dict, cell: str):
+        install_quiet_refusals()  # a refusal raised to the ingress: one line here, no traceback
         cfg = EngineConfig.model_validate(config)
         spec = cfg.cell(cell)
         if spec.transport == "in_process":  # the models in this process, forwards on every core
@@ -46,6 +50,11 @@ class Cell:
         """The request's deltas (one at the end with `final_only`, for unary RPCs)."""
         async for d in self.loop.stream(req, resume, final_only):
             yield d
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """What this replica's demand is (deployments/autoscale.py), from the scheduler's last load."""
+        load = self.loop.load
+        return {METRIC: Scheduler.demand(load)} if load else {}
 
     def stats(self) -> dict:
         """Each actor's batches and held sequences, and the draft's and targets' busy fractions."""

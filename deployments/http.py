@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from deployments.scrape import s2d_metrics
 from s2d.api import openai_api as oa
 from s2d.core.request import UnknownTarget, internal_message
 
@@ -58,6 +59,11 @@ class OpenAIRoutes:
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
         return await self._answer(request, chat=True)
+
+    @app.get("/metrics")
+    async def metrics(self):
+        """The s2d metrics of every node in Prometheus text format (deployments/scrape.py)."""
+        return PlainTextResponse(await s2d_metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/healthz")
     async def healthz(self):
@@ -105,9 +111,8 @@ class OpenAIRoutes:
     def _api_error(self, e: BaseException, target: str) -> oa.APIError:
         err = oa.as_api_error(e)
         if err is None:  # a bug: the message names it without a traceback, the log has one
-            log.error("request failed", exc_info=e)
             err = oa.APIError(500, internal_message(e), "server_error")
-        self.count_failure(target, "http", err.code or str(err.status))
+        self.count_failure(target, "http", err.code or str(err.status), e)
         return err
 
     def _error(self, e: BaseException, target: str) -> JSONResponse:

@@ -15,11 +15,12 @@ import time
 
 import grpc
 from ray import serve
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 from ray.serve.handle import DeploymentHandle
 
 from deployments.http import OpenAIRoutes, app
 from deployments.metrics import RequestMetrics
+from deployments.quiet import level_of
 from s2d.core.config import EngineConfig
 from s2d.core.request import (
     DeadlineExceeded,
@@ -67,12 +68,6 @@ def stats_pb(s: dict) -> pb.SpecStats:
                         proposed_at=s["proposed_at"], accepted_at=s["accepted_at"])
 
 
-class Refused(Exception):
-    """Raised out of an RPC after its status is set: Ray Serve's proxy carries a status set on the
-    context to the client only with a yielded message or a raised exception, so a stream that
-    failed before its first chunk would otherwise end OK and empty."""
-
-
 @serve.deployment
 @serve.ingress(app)
 class S2DRouter(OpenAIRoutes):
@@ -96,7 +91,8 @@ class S2DRouter(OpenAIRoutes):
             if last is None:
                 raise RequestFailed("the cell ended the request without an answer")
         except Exception as e:  # noqa: BLE001 - mapped to a status, the server keeps serving
-            raise self._fail(grpc_context, e, getattr(request, "target", "")) from None
+            self._fail(grpc_context, e, getattr(request, "target", ""))
+            return pb.GenerateResponse()  # not raised: Serve would log a traceback (deployments/quiet.py)
         return pb.GenerateResponse(text="".join(text), token_ids=tokens, finish_reason=last.finish_reason,
                                    usage=pb.Usage(**last.usage), stats=stats_pb(last.stats), request_id=last.seq_id)
 
@@ -110,20 +106,27 @@ class S2DRouter(OpenAIRoutes):
                     chunk.stats.CopyFrom(stats_pb(d.stats))
                 yield chunk
         except Exception as e:  # noqa: BLE001 - the same status as the unary RPC
-            raise self._fail(grpc_context, e, getattr(request, "target", "")) from None
+            self._fail(grpc_context, e, getattr(request, "target", ""))
+            # Serve's proxy carries a status set on the context only with a message (or a raised
+            # exception, which it would log with its traceback): an empty chunk ends the stream
+            yield pb.GenerateChunk()
 
     async def ListTargets(self, request, grpc_context) -> pb.ListTargetsResponse:
-        self._refuse_undecodable(request, grpc_context)
+        if self._undecodable(request, grpc_context):
+            return pb.ListTargetsResponse()
         return pb.ListTargetsResponse(targets=self.targets, draft_exits=self.exits)
 
     async def Health(self, request, grpc_context) -> pb.HealthResponse:
-        self._refuse_undecodable(request, grpc_context)
+        if self._undecodable(request, grpc_context):
+            return pb.HealthResponse()
         ready, _ = await self.cells_ready()
         return pb.HealthResponse(status="ok" if ready else "loading")
 
-    def _refuse_undecodable(self, request, grpc_context):
+    def _undecodable(self, request, grpc_context) -> bool:
         if isinstance(request, Undecodable):
-            raise self._fail(grpc_context, RequestError(request.field, request.message))
+            self._fail(grpc_context, RequestError(request.field, request.message))
+            return True
+        return False
 
     async def cells_ready(self) -> tuple[bool, dict[str, str]]:
         """Whether every cell is ready, and per cell: "ready" once a replica has loaded its models
@@ -180,20 +183,28 @@ class S2DRouter(OpenAIRoutes):
                     raise DeadlineExceeded(f"the request ran past its deadline of {timeout:g} s") from e
                 req.timeout_s = left
 
-    def _fail(self, grpc_context, e: Exception, target: str = "") -> Refused:
-        """Set the status that names the problem; the caller raises what this returns."""
-        cause = cause_of(e)
-        status = status_of(cause)
-        if status is None:  # a bug: the details name it without a traceback, the log has one
-            log.error("request failed", exc_info=e)
+    def _fail(self, grpc_context, e: Exception, target: str = ""):
+        """Set the status that names the problem (the caller answers with an empty message)."""
+        status = status_of(cause_of(e))
+        if status is None:
             code, details = grpc.StatusCode.INTERNAL, internal_message(e)
         else:
-            code, details = grpc.StatusCode[status.grpc], str(cause)
+            code, details = grpc.StatusCode[status.grpc], str(cause_of(e))
         grpc_context.set_code(code)
         grpc_context.set_details(details[:1000])
-        self.count_failure(target, "grpc", code.name.lower())
-        return Refused(details)
+        self.count_failure(target, "grpc", code.name.lower(), e)
 
-    def count_failure(self, target: str, protocol: str, status: str):
-        """A refused or failed request in the metrics; targets no cell hosts count as one label."""
-        self.metrics.failed_request(target if target in self.cell_of else "(unknown)", protocol, status)
+    def count_failure(self, target: str, protocol: str, status: str, e: BaseException):
+        """A refused or failed request in the metrics (targets no cell hosts count as one label) and
+        in the log: one line; a fault of the ingress itself (a bug), with its traceback. A cell's
+        fault was logged in the cell (deployments/quiet.py)."""
+        target = target if target in self.cell_of else "(unknown)"
+        self.metrics.failed_request(target, protocol, status)
+        known = status_of(cause_of(e))
+        if known is not None:
+            log.log(level_of(known), "%s request for %s refused, %s: %s", protocol, target, status,
+                    str(cause_of(e))[:300])
+        elif isinstance(e, RayTaskError):
+            log.warning("%s request for %s failed in its cell, %s: %s", protocol, target, status, internal_message(e))
+        else:
+            log.error("%s request for %s failed", protocol, target, exc_info=e)

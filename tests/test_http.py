@@ -402,3 +402,40 @@ def test_healthz_is_503_while_a_cell_reloads(app):
         time.sleep(0.2)
     assert 503 in seen and seen[-1] == 200, seen
     assert complete(app, "def ", max_tokens=2).choices
+
+
+def test_the_http_port_serves_the_s2d_metrics_of_every_node(app):
+    """GET /metrics on the API port, where load tools look (AIPerf found a 404 there): the same s2d
+    samples as Ray's export port, in the Prometheus text format, and nothing but s2d's families."""
+    complete(app, PROMPTS[40], model="small", max_tokens=4)
+    at_export = settled(app)
+    r = requests.get(f"{app.url}/metrics", timeout=10)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    families = list(text_string_to_metric_families(r.text))
+    assert families and all(f.name.startswith("ray_s2d_") for f in families)
+    keep = {"target", "exit", "position", "finish_reason", "protocol", "status", "part", "le", "kind", "exit_index"}
+    at_http: Counter = Counter()
+    for fam in families:
+        for s in fam.samples:
+            at_http[s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k in keep))] += s.value
+    assert at_http == at_export
+
+
+def test_metrics_of_several_nodes_merge_into_one_family_each():
+    """Two nodes' exports: each s2d family once (HELP and TYPE once, every node's samples under it),
+    other families left out; Prometheus's own parser reads the result."""
+    from deployments.scrape import merge
+
+    node = ("# HELP ray_s2d_generation_tokens_total Tokens.\n# TYPE ray_s2d_generation_tokens_total counter\n"
+            'ray_s2d_generation_tokens_total{{target="t",NodeAddress="{ip}"}} {n}\n'
+            "# HELP ray_s2d_ttft_seconds TTFT.\n# TYPE ray_s2d_ttft_seconds histogram\n"
+            'ray_s2d_ttft_seconds_bucket{{le="1.0",NodeAddress="{ip}"}} 1.0\n'
+            'ray_s2d_ttft_seconds_bucket{{le="+Inf",NodeAddress="{ip}"}} 1.0\n'
+            'ray_s2d_ttft_seconds_count{{NodeAddress="{ip}"}} 1.0\nray_s2d_ttft_seconds_sum{{NodeAddress="{ip}"}} 0.5\n'
+            "# HELP ray_tasks Ray's own.\n# TYPE ray_tasks gauge\nray_tasks 3.0\n")
+    text = merge([node.format(ip="10.0.0.1", n=5), node.format(ip="10.0.0.2", n=7)])
+    assert text.count("# TYPE ray_s2d_generation_tokens_total") == 1 and "ray_tasks" not in text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert set(families) == {"ray_s2d_generation_tokens", "ray_s2d_ttft_seconds"}
+    assert sum(s.value for s in families["ray_s2d_generation_tokens"].samples) == 12
+    assert sum(s.value for s in families["ray_s2d_ttft_seconds"].samples if s.name.endswith("_count")) == 2

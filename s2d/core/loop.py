@@ -6,7 +6,7 @@ queue. The frontend's work (chat templates, tokenization, detokenization, stop s
 `stream`, on the event loop, so the scheduler's thread spends its time on ticks; and the tokenizer
 is used by one thread only. Ticks block on the executor, never the event loop. Every request has a deadline
 (Request.deadline_s); `report`, when given, gets Scheduler.load() about once a second, on the
-scheduler's thread (a metrics exporter's gauges)."""
+scheduler's thread (a metrics exporter's gauges), and `load` keeps the last one (autoscaling)."""
 from __future__ import annotations
 
 import asyncio
@@ -33,6 +33,7 @@ class EngineLoop:
         self.core, self.scheduler = core, core.scheduler
         self.torch_threads, self.report = torch_threads, report
         self._reported = 0.0
+        self.load: dict | None = None  # the scheduler's last load(), about once a second: read from any thread
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.outputs: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stop = False
@@ -132,10 +133,12 @@ class EngineLoop:
                     self.outputs.pop(d.seq_id, None)
 
     def _report(self):
-        if self.report and time.monotonic() - self._reported >= self.REPORT_EVERY_S:
+        if time.monotonic() - self._reported >= self.REPORT_EVERY_S:
             self._reported = time.monotonic()
             try:
-                self.report(self.scheduler.load())
+                self.load = self.scheduler.load()
+                if self.report:
+                    self.report(self.load)
             except Exception:  # noqa: BLE001 - metrics must never stop the engine
                 log.exception("reporting the scheduler's load failed")
 

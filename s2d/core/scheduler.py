@@ -122,6 +122,16 @@ class Scheduler:
                 "policy": self.policy.state(),
                 "breakdown": self.breakdown}
 
+    @staticmethod
+    def demand(load: dict) -> float:
+        """How full a load (`load()`) is: the busiest KV pool's running and waiting sequences over
+        its slots (a target's, or the draft's, which every sequence holds one of). Past 1 requests
+        wait; what a cell's autoscaling policy scales on (deployments/autoscale.py)."""
+        pools = [(t["running"] + t["waiting"]) / max(t["kv_slots"], 1) for t in load["targets"].values()]
+        waiting = sum(t["waiting"] for t in load["targets"].values())
+        pools.append((load["draft"]["running"] + waiting) / max(load["draft"]["kv_slots"], 1))
+        return max(pools)
+
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.planned or self.to_release)
