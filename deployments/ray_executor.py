@@ -42,7 +42,8 @@ def bundle(spec: ModelSpec) -> dict:
 def cell_bundles(cfg: EngineConfig, cell: str) -> list[dict]:
     """[the cell's own process, the draft, each target in order]: the bundle indices actors use."""
     spec = cfg.cell(cell)
-    return [{"CPU": max(spec.num_cpus, 0.01)}, bundle(cfg.draft)] + [bundle(cfg.target(t)) for t in spec.targets]
+    return [{"CPU": max(spec.num_cpus, 0.01), **spec.resources}, bundle(cfg.draft)] + \
+        [bundle(cfg.target(t)) for t in spec.targets]
 
 
 @dataclass

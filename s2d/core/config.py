@@ -139,6 +139,9 @@ class CellSpec(Strict):
     # actors, no pipelining; the fastest on a small CPU host, see docs/bench/serve.md).
     transport: Literal["compiled_graph", "actor_calls", "in_process"] = "compiled_graph"
     num_cpus: float = Field(0.0, ge=0)  # the cell's own process (scheduler, tokenizers)
+    # custom Ray resources the cell's own bundle asks for: which nodes may host a replica, and how
+    # many (a resource of 1 per node, asked for whole, spreads the replicas one to a node)
+    resources: dict[str, float] = Field(default_factory=dict)
 
 
 def _named(items: list, name: str, what: str):
