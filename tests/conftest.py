@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sysconfig
+import time
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,16 @@ def make_config(family, draft="draft", targets=("small", "large"), **target_kw) 
                                                                                   if k in ("dtype", "static_forward")}},
         "targets": [{"name": t, "path": str(family[t]), "max_seqs": 8, "max_seq_len": 256, **kw} for t in targets],
     })
+
+
+def wait_for(predicate, timeout: float, what: str):
+    """Poll until predicate() holds; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"{what} did not happen within {timeout:g} s")
 
 
 def served(config_path, timeout: float = 120):

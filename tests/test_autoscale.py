@@ -9,7 +9,7 @@ import time
 
 import pytest
 import yaml
-from conftest import PROMPTS, make_config
+from conftest import PROMPTS, make_config, wait_for
 from ray.serve._private.common import DeploymentID
 from ray.serve.config import AutoscalingContext
 
@@ -50,15 +50,6 @@ def replicas(app: str = "s2d", deployment: str = "cell-main") -> int:
 
     states = serve.status().applications[app].deployments[deployment].replica_states
     return states.get("RUNNING", 0)
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"{what} did not happen within {timeout:g} s")
 
 
 def test_a_cell_scales_up_when_its_slots_fill_and_down_when_they_empty(family, tmp_path):

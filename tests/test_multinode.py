@@ -5,12 +5,11 @@ by losing a node that holds no ingress, and a replacement replica on a node adde
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import PROMPTS, make_config
+from conftest import PROMPTS, make_config, wait_for
 
 from s2d.core.config import EngineConfig
 from s2d.core.engine import Engine, Request, greedy
@@ -32,15 +31,6 @@ def cell_nodes() -> dict[str, str]:
 
 def router_node() -> str:
     return next(a["Address"]["NodeID"] for a in alive_actors() if "router" in a["Name"])
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"{what} did not happen within {timeout:g} s")
 
 
 @pytest.fixture

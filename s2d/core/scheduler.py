@@ -2,14 +2,14 @@
 (s2d/core/engine.py) and in a Ray serving cell (deployments/cell.py) alike.
 
 It owns request ids, admission by free KV slots, overload, abort and release; each sequence's
-token state lives here and nowhere else. It sees token ids only: the frontend (s2d/core/frontend.py)
-checks and tokenizes requests and turns the token deltas into text. It decides and it updates; it never runs or
-waits on a tick: `schedule` plans the ticks (a tick drafts for its sequences in one propose call and
-verifies each target's in one forward, s2d/core/executor.py), the engine core
-(s2d/core/engine_core.py) runs them on an executor, and `update` takes each result back. With
-`pipeline` on, the running sequences form two cohorts whose ticks alternate, so that with an
-executor that runs the draft and the targets side by side the draft proposes for one cohort while
-the targets verify the other."""
+token state lives here and nowhere else. It sees token ids only: the frontend
+(s2d/core/frontend.py) checks and tokenizes requests and turns the token deltas into text.
+It decides and it updates; it never runs or waits on a tick: `schedule` plans the ticks (a tick
+drafts for its sequences in one propose call and verifies each target's in one forward,
+s2d/core/executor.py), the engine core (s2d/core/engine_core.py) runs them on an executor, and
+`update` takes each result back. With `pipeline` on, the running sequences form two cohorts whose
+ticks alternate, so that with an executor that runs the draft and the targets side by side the
+draft proposes for one cohort while the targets verify the other."""
 from __future__ import annotations
 
 import logging

@@ -69,8 +69,8 @@ class SpecStats:
 class Breakdown:
     """Where a scheduler's ticks spend their time: the draft's forwards (layers and head), the
     targets' verify forwards, and everything else, the engine's own work (scheduling, batch
-    building, sampling, rejection, detokenization). Exact on CPU; on a GPU the forwards' time is
-    only their launch unless the step syncs."""
+    building, sampling, rejection; in process, the caller's detokenization between ticks). Exact
+    on CPU; on a GPU the forwards' time is only their launch unless the step syncs."""
 
     ticks: int = 0
     wall_s: float = 0.0

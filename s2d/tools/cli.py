@@ -46,13 +46,13 @@ def cmd_generate(a):
     engine = Engine.from_config(cfg)
     try:
         req = Request(target=a.target, prompt=a.prompt, params=params, mode=a.mode, raw=a.raw)
-        seq = engine.start(req)
-        for delta in engine.deltas(seq):
+        out = engine.start(req)
+        for delta in engine.deltas(out):
             if not a.json:
                 print(delta.text, end="", flush=True)
     except RequestError as e:
         raise SystemExit(f"error: {e}") from None
-    result = seq.result()
+    result = out.result()
     if result.get("error"):
         raise SystemExit(f"error: {result['error']}")
     if a.json:
