@@ -7,8 +7,6 @@ An error before the first token is answered with its status; once a stream has s
 comes as an SSE event `{"error": ...}` before `data: [DONE]`, as vLLM sends it."""
 from __future__ import annotations
 
-import logging
-
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
@@ -16,8 +14,6 @@ from starlette.exceptions import HTTPException
 from deployments.scrape import s2d_metrics
 from s2d.api import openai_api as oa
 from s2d.core.request import UnknownTarget, internal_message
-
-log = logging.getLogger("ray.serve")
 
 app = FastAPI(title="s2d", description="OpenAI-compatible API of s2d: several targets, one shared sorted draft")
 
