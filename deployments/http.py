@@ -106,9 +106,10 @@ class OpenAIRoutes:
 
     def _api_error(self, e: BaseException, target: str) -> oa.APIError:
         err = oa.as_api_error(e)
-        if err is None:  # a bug: the message names it without a traceback, the log has one
+        known = err is not None
+        if not known:  # a bug: the message names it without a traceback, the log has one
             err = oa.APIError(500, internal_message(e), "server_error")
-        self.count_failure(target, "http", err.code or str(err.status), e)
+        self.count_failure(target, "http", err.code or str(err.status), e, err.status if known else None)
         return err
 
     def _error(self, e: BaseException, target: str) -> JSONResponse:

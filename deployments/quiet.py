@@ -12,9 +12,9 @@ from s2d.core.request import cause_of, status_of
 SERVE_LOGGER = "ray.serve"
 
 
-def level_of(status) -> int:
+def level_of(http_status: int) -> int:
     """A client's error (4xx) at INFO, one of the server's (5xx: a deadline, a failed engine) at WARNING."""
-    return logging.INFO if status.http < 500 else logging.WARNING
+    return logging.INFO if http_status < 500 else logging.WARNING
 
 
 class QuietRefusals(logging.Filter):
@@ -24,7 +24,7 @@ class QuietRefusals(logging.Filter):
         e = record.exc_info[1] if record.exc_info else None
         status = status_of(cause_of(e)) if e is not None else None
         if status is not None:
-            record.levelno = level_of(status)
+            record.levelno = level_of(status.http)
             record.levelname = logging.getLevelName(record.levelno)
             record.msg, record.args = "request ended %s: %s", (status.grpc, str(cause_of(e))[:300])
             record.exc_info, record.exc_text = None, None

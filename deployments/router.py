@@ -192,17 +192,17 @@ class S2DRouter(OpenAIRoutes):
             code, details = grpc.StatusCode[status.grpc], str(cause_of(e))
         grpc_context.set_code(code)
         grpc_context.set_details(details[:1000])
-        self.count_failure(target, "grpc", code.name.lower(), e)
+        self.count_failure(target, "grpc", code.name.lower(), e, status and status.http)
 
-    def count_failure(self, target: str, protocol: str, status: str, e: BaseException):
+    def count_failure(self, target: str, protocol: str, status: str, e: BaseException, http_status: int | None):
         """A refused or failed request in the metrics (targets no cell hosts count as one label) and
-        in the log: one line; a fault of the ingress itself (a bug), with its traceback. A cell's
-        fault was logged in the cell (deployments/quiet.py)."""
+        in the log: one line (`http_status`: the answer's, None for a fault the error table does not
+        know); a fault of the ingress itself (a bug), with its traceback. A cell's fault was logged
+        in the cell (deployments/quiet.py)."""
         target = target if target in self.cell_of else "(unknown)"
         self.metrics.failed_request(target, protocol, status)
-        known = status_of(cause_of(e))
-        if known is not None:
-            log.log(level_of(known), "%s request for %s refused, %s: %s", protocol, target, status,
+        if http_status is not None:
+            log.log(level_of(http_status), "%s request for %s refused, %s: %s", protocol, target, status,
                     str(cause_of(e))[:300])
         elif isinstance(e, RayTaskError):
             log.warning("%s request for %s failed in its cell, %s: %s", protocol, target, status, internal_message(e))

@@ -64,6 +64,22 @@ def wait_for(predicate, timeout: float, what: str):
     raise AssertionError(f"{what} did not happen within {timeout:g} s")
 
 
+def serve_logs(since: list | None = None) -> list[tuple[str, str]]:
+    """(file name, line) of this cluster's Serve logs (proxy, replicas); with `since` (an earlier
+    call's result), only the lines added after it."""
+    import ray
+
+    d = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
+    lines = [(p.name, line) for p in sorted(d.glob("*.log")) for line in p.read_text(errors="replace").splitlines()]
+    seen = set(since or ())
+    return [x for x in lines if x not in seen]
+
+
+def loud_lines(lines: list[tuple[str, str]]) -> list[str]:
+    """Lines at WARNING or above, and tracebacks."""
+    return [line for _, line in lines if line.startswith(("ERROR", "WARNING", "CRITICAL")) or "Traceback" in line]
+
+
 def served(config_path, timeout: float = 120):
     """Serve a config on a local Ray cluster; yields a gRPC client of it, then shuts Ray down."""
     from deployments.local import serve_locally, shutdown

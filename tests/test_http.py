@@ -18,7 +18,7 @@ import pytest
 import ray
 import requests
 import yaml
-from conftest import PROMPTS, make_config
+from conftest import PROMPTS, loud_lines, make_config, serve_logs
 from prometheus_client.parser import text_string_to_metric_families
 
 from deployments.local import free_port, serve_locally, shutdown
@@ -443,3 +443,18 @@ def test_metrics_of_several_nodes_merge_into_one_family_each():
     assert set(families) == {"ray_s2d_generation_tokens", "ray_s2d_ttft_seconds"}
     assert sum(s.value for s in families["ray_s2d_generation_tokens"].samples) == 12
     assert sum(s.value for s in families["ray_s2d_ttft_seconds"].samples if s.name.endswith("_count")) == 2
+
+
+def test_http_refusals_log_one_quiet_line_each(app):
+    """As on gRPC (tests/test_reliability.py): each refused HTTP call adds one INFO line to the
+    ingress's log, and nothing at WARNING or above, and no traceback, anywhere."""
+    before = serve_logs()
+    bad = [{"model": "small", "prompt": "x", "max_tokens": 10**6}, {"model": "nope", "prompt": "x"},
+           {"model": "small", "prompt": "x", "temperature": -1}, b"{not json", {"model": "small"}]
+    for body in bad:
+        assert 400 <= app.post("/v1/completions", body).status_code < 500
+    time.sleep(2)  # the replicas' file handlers
+    lines = serve_logs(since=before)
+    assert not loud_lines(lines), loud_lines(lines)[:5]
+    ours = [line for name, line in lines if "router" in name and " refused, " in line]
+    assert len(ours) == len(bad) and all(line.startswith("INFO") for line in ours), ours

@@ -8,12 +8,11 @@ import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from itertools import zip_longest
-from pathlib import Path
 
 import grpc
 import pytest
 import yaml
-from conftest import PROMPTS, make_config, served
+from conftest import PROMPTS, loud_lines, make_config, serve_logs, served
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -159,29 +158,19 @@ def test_catalogue_of_malformed_requests_on_unary_and_stream(server):
     assert server.health() == "ok"
 
 
-def serve_logs() -> dict[str, str]:
-    """This cluster's Serve logs (proxy, replicas), by file name."""
-    import ray
-
-    d = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
-    return {p.name: p.read_text(errors="replace") for p in sorted(d.glob("*.log"))}
-
-
 def test_each_refusal_logs_one_quiet_line_and_no_traceback(server):
     """A bad client must not flood the operators' logs: each refusal (the catalogue, unary and
     stream, and the same as OpenAI HTTP calls) adds one line at INFO to the ingress's log and its
     access line to the proxy's, and no ERROR or traceback anywhere (deployments/quiet.py)."""
-    before = {name: len(text) for name, text in serve_logs().items()}
+    before = serve_logs()
     sent = 0
     for _, data, code, _ in CATALOGUE:
         for stream in (False, True):
             assert call(server, data, stream)[0] == code
             sent += 1
     time.sleep(2)  # the replicas' file handlers
-    new = {name: text[before.get(name, 0):] for name, text in serve_logs().items()}
-    lines = [(name, line) for name, text in new.items() for line in text.splitlines()]
-    loud = [line for _, line in lines if line.startswith(("ERROR", "WARNING", "CRITICAL")) or "Traceback" in line]
-    assert not loud, loud[:5]
+    lines = serve_logs(since=before)
+    assert not loud_lines(lines), loud_lines(lines)[:5]
     ours = [line for name, line in lines if "router" in name and " refused, " in line]
     assert len(ours) == sent and all(line.startswith("INFO") for line in ours), (len(ours), sent, ours[:3])
     proxy = [line for name, line in lines if name.startswith("proxy") and "/s2d.v1.S2D/Generate" in line]
