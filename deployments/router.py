@@ -185,11 +185,12 @@ class S2DRouter(OpenAIRoutes):
 
     def _fail(self, grpc_context, e: Exception, target: str = ""):
         """Set the status that names the problem (the caller answers with an empty message)."""
-        status = status_of(cause_of(e))
+        cause = cause_of(e)
+        status = status_of(cause)
         if status is None:
             code, details = grpc.StatusCode.INTERNAL, internal_message(e)
         else:
-            code, details = grpc.StatusCode[status.grpc], str(cause_of(e))
+            code, details = grpc.StatusCode[status.grpc], str(cause)
         grpc_context.set_code(code)
         grpc_context.set_details(details[:1000])
         self.count_failure(target, "grpc", code.name.lower(), e, status and status.http)

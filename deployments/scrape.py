@@ -9,43 +9,42 @@ import logging
 import urllib.request
 
 import ray
+from prometheus_client.exposition import generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import CollectorRegistry
 
 log = logging.getLogger("ray.serve")
 PREFIX = "ray_s2d_"
 TIMEOUT_S = 2.0
 
 
-def metric_of(line: str) -> str | None:
-    """The family a line of the text format belongs to (`# HELP name ...`, `# TYPE name ...`, or a
-    sample `name{labels} value`, whose _bucket, _sum, _count and _total suffixes stay on)."""
-    if line.startswith("# HELP ") or line.startswith("# TYPE "):
-        return line.split(" ", 3)[2]
-    if not line or line.startswith("#"):
-        return None
-    return line.split("{", 1)[0].split(" ", 1)[0]
-
-
 def merge(texts: list[str], prefix: str = PREFIX) -> str:
-    """The families starting with `prefix` from several nodes' exports, each family's HELP and
-    TYPE once and its samples together (the text format allows a family in one place only)."""
-    heads: dict[str, list[str]] = {}
-    samples: dict[str, list[str]] = {}
+    """The families starting with `prefix` from several nodes' exports, each family once with every
+    node's samples under it (the text format allows a family in one place only), parsed and
+    written by prometheus_client."""
+    families: dict[str, Metric] = {}
     for text in texts:
-        family = None
-        for line in text.splitlines():
-            name = metric_of(line)
-            if name is None or not name.startswith(prefix):
+        for f in text_string_to_metric_families(text):
+            if not f.name.startswith(prefix):
                 continue
-            if line.startswith("#"):
-                family = name
-                if len(heads.setdefault(name, [])) < 2 and line not in heads[name]:
-                    heads[name].append(line)
-            else:  # a sample belongs to the family declared before it (a histogram's _bucket, _sum ...)
-                samples.setdefault(family if family and name.startswith(family) else name, []).append(line)
-    out = []
-    for family in dict.fromkeys([*heads, *samples]):
-        out += heads.get(family, []) + samples.get(family, [])
-    return "\n".join(out) + "\n"
+            if f.name in families:
+                families[f.name].samples += f.samples
+            else:
+                families[f.name] = f
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(list(families.values())))
+    return generate_latest(registry).decode()
+
+
+class _Families:
+    """A collector of families already gathered."""
+
+    def __init__(self, families: list[Metric]):
+        self.families = families
+
+    def collect(self) -> list[Metric]:
+        return self.families
 
 
 def _fetch(url: str) -> str:

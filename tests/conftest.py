@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sysconfig
+import threading
 import time
 from pathlib import Path
 
@@ -78,6 +79,47 @@ def serve_logs(since: list | None = None) -> list[tuple[str, str]]:
 def loud_lines(lines: list[tuple[str, str]]) -> list[str]:
     """Lines at WARNING or above, and tracebacks."""
     return [line for _, line in lines if line.startswith(("ERROR", "WARNING", "CRITICAL")) or "Traceback" in line]
+
+
+class StreamingClients:
+    """`n` threads, each streaming greedy requests of `target` over `prompts` in turn until it is
+    stopped: every finished stream's (prompt, token ids) lands in `got`, a failure in `errors`
+    (its thread then ends). `exact()`: every stream equals the in-process engine's greedy output."""
+
+    def __init__(self, client, target: str, prompts: list[str], n: int, max_tokens: int):
+        self.client, self.target, self.prompts, self.max_tokens = client, target, prompts, max_tokens
+        self.got: list[tuple[str, list[int]]] = []
+        self.errors: list[str] = []
+        self.stops = [threading.Event() for _ in range(n)]
+        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(n)]
+        for t in self.threads:
+            t.start()
+
+    def _run(self, i: int):
+        n = 0
+        while not self.stops[i].is_set():
+            p = self.prompts[(i + n) % len(self.prompts)]
+            n += 1
+            try:
+                chunks = self.client.stream(self.target, p, max_tokens=self.max_tokens, temperature=0.0)
+                tokens = [t for c in chunks for t in c.token_ids]
+            except Exception as e:  # noqa: BLE001 - the test fails on it
+                self.errors.append(repr(e))
+                return
+            self.got.append((p, tokens))
+
+    def stop(self, *which: int):
+        """Stop the given clients (default: all) and wait for their streams to end."""
+        for i in which or range(len(self.threads)):
+            self.stops[i].set()
+            self.threads[i].join(timeout=120)
+
+    def exact(self, engine) -> bool:
+        from s2d.core.engine import Request, greedy
+
+        want = {p: engine.generate([Request(target=self.target, prompt=p, params=greedy(self.max_tokens))])[0]
+                ["token_ids"] for p in self.prompts}
+        return all(tokens == want[p] for p, tokens in self.got)
 
 
 def served(config_path, timeout: float = 120):

@@ -4,18 +4,17 @@ load that fills its KV slots, and back to one when half of it stops, the streams
 replica drains and goes exact."""
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
 import yaml
-from conftest import PROMPTS, make_config, wait_for
+from conftest import PROMPTS, StreamingClients, make_config, wait_for
 from ray.serve._private.common import DeploymentID
 from ray.serve.config import AutoscalingContext
 
 from deployments.autoscale import METRIC, TARGET, cell_replicas
 from s2d.core.config import EngineConfig
-from s2d.core.engine import Engine, Request, greedy
+from s2d.core.engine import Engine
 from s2d.core.scheduler import Scheduler
 
 
@@ -65,40 +64,23 @@ def test_a_cell_scales_up_when_its_slots_fill_and_down_when_they_empty(family, t
     path = tmp_path / "engine.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump()))
     engine = Engine.from_config(cfg)
-    prompts = PROMPTS[:6]
-    want = {p: engine.generate([Request(target="small", prompt=p, params=greedy(48))])[0]["token_ids"] for p in prompts}
     client = S2DClient(serve_locally(str(path), num_cpus=2), timeout=120)
-    got, errors, stops = [], [], [threading.Event(), threading.Event()]
-
-    def load(i: int):
-        while not stops[i].is_set():
-            p = prompts[(i + 2 * len(got)) % len(prompts)]
-            try:
-                tokens = [t for c in client.stream("small", p, max_tokens=48, temperature=0.0) for t in c.token_ids]
-            except Exception as e:  # noqa: BLE001 - the test fails on it below
-                errors.append(repr(e))
-                return
-            got.append((p, tokens))
-
+    load = None
     try:
         assert replicas() == 1
         # two clients: Serve's default policy (2 ongoing requests per replica) would keep one replica;
         # they fill its 2 slots, a demand of 1.0 over the target 0.8
-        clients = [threading.Thread(target=load, args=(i,)) for i in range(2)]
-        for t in clients:
-            t.start()
+        load = StreamingClients(client, "small", PROMPTS[:6], 2, 48)
         wait_for(lambda: replicas() == 2, 90, "scaling up to 2 replicas")
-        stops[0].set()  # one client goes on while a replica is removed: Serve drains it first
-        clients[0].join(timeout=120)
-        n = len(got)
+        load.stop(0)  # one client goes on while a replica is removed: Serve drains it first
+        n = len(load.got)
         wait_for(lambda: replicas() == 1, 90, "scaling down to 1 replica")
         time.sleep(2)
-        stops[1].set()
-        clients[1].join(timeout=120)
-        assert not errors, errors
-        assert len(got) > n and all(tokens == want[p] for p, tokens in got), "a stream was lost or not exact"
+        load.stop()
+        assert not load.errors, load.errors
+        assert len(load.got) > n and load.exact(engine), "a stream was lost or not exact"
     finally:
-        for e in stops:
-            e.set()
+        if load:
+            load.stop()
         client.close()
         shutdown()

@@ -4,15 +4,12 @@ clients stream (its requests go to the surviving replica, every stream exact), t
 by losing a node that holds no ingress, and a replacement replica on a node added afterwards."""
 from __future__ import annotations
 
-import threading
-from pathlib import Path
-
 import pytest
 import yaml
-from conftest import PROMPTS, make_config, wait_for
+from conftest import PROMPTS, StreamingClients, make_config, serve_logs, wait_for
 
 from s2d.core.config import EngineConfig
-from s2d.core.engine import Engine, Request, greedy
+from s2d.core.engine import Engine
 
 CELL_NODE = "s2d_cell"  # the custom resource of the nodes that may host a cell replica
 
@@ -53,7 +50,6 @@ def cluster():
 
 
 def test_cells_on_two_nodes_keep_streams_exact_when_one_is_lost(cluster, family, tmp_path):
-    import ray
     from ray import serve
 
     from deployments.app import build_app
@@ -78,46 +74,24 @@ def test_cells_on_two_nodes_keep_streams_exact_when_one_is_lost(cluster, family,
     assert head not in placed.values()
 
     engine = Engine.from_config(cfg)
-    prompts = PROMPTS[:8]
-    want = {p: engine.generate([Request(target="small", prompt=p, params=greedy(40))])[0]["token_ids"] for p in prompts}
     client = S2DClient(f"127.0.0.1:{port}", timeout=120)
-    got, errors, stop = [], [], threading.Event()
-
-    def load(i: int):
-        n = 0
-        while not stop.is_set():
-            p = prompts[(i + n) % len(prompts)]
-            n += 1
-            try:
-                tokens = [t for c in client.stream("small", p, max_tokens=40, temperature=0.0) for t in c.token_ids]
-            except Exception as e:  # noqa: BLE001 - the test fails on it below
-                errors.append(repr(e))
-                return
-            got.append((p, tokens))
-
-    clients = [threading.Thread(target=load, args=(i,)) for i in range(4)]
+    load = StreamingClients(client, "small", PROMPTS[:8], 4, 40)
     try:
-        for t in clients:
-            t.start()
-        wait_for(lambda: len(got) >= 8, 60, "streams before the loss")
+        wait_for(lambda: len(load.got) >= 8, 60, "streams before the loss")
         ingress = router_node()
         victim = next(n for n in nodes if n.node_id != ingress)  # a node that holds no ingress
-        before = len(got)
+        before = len(load.got)
         cluster.remove_node(victim, allow_graceful=False)  # mid-stream: its replica's streams are resent
-        wait_for(lambda: len(got) >= before + 16, 120, "streams after the loss")
+        wait_for(lambda: len(load.got) >= before + 16, 120, "streams after the loss")
         assert list(client.list_targets().targets) == ["small"]  # the ingress answers
         spare = cluster.add_node(num_cpus=1, resources={CELL_NODE: 1}, node_ip_address="127.0.0.1")
         wait_for(lambda: len(cell_nodes()) == 2 and spare.node_id in cell_nodes().values(), 120,
                  "a replacement replica on the new node")
-        stop.set()
-        for t in clients:
-            t.join(timeout=120)
-        assert not errors, errors
-        wrong = [(p, tokens) for p, tokens in got if tokens != want[p]]
-        assert not wrong, f"{len(wrong)} of {len(got)} streams not exact"
-        logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
-        resent = sum(f.read_text(errors="replace").count("resending") for f in logs.glob("replica_s2d_router*.log"))
-        assert resent >= 1  # streams were in flight on the lost node, and went on elsewhere
+        load.stop()
+        assert not load.errors, load.errors
+        assert load.exact(engine), "a stream was not exact"
+        resent = [line for name, line in serve_logs() if name.startswith("replica_s2d_router") and "resending" in line]
+        assert resent  # streams were in flight on the lost node, and went on elsewhere
     finally:
-        stop.set()
+        load.stop()
         client.close()
