@@ -6,10 +6,12 @@
    1 token) and a verify of 8 tokens, eager and through the static-shape forward (s2d/worker/graphs.py,
    CUDA graphs), at a 512-token context. Tokens/s, and the step against the HBM floor (the weights
    and the KV cache read once at --hbm-tb-s; 4.8 TB/s is the H200's HBM3e).
-2. The bundled demo family on the GPU: s2d against ar with CUDA graphs, in the same run, on
+2. The same shape tensor-parallel at 1, 2 and 4 ranks, one GPU each, as many as the machine has
+   (benchmarks/tp_bench.py): decode and verify through CUDA graphs with NCCL all-reduces.
+3. The bundled demo family on the GPU: s2d against ar with CUDA graphs, in the same run, on
    held-out code and Spec-Bench (`s2d bench` with --device cuda).
 Aims (issue "Engine speed"): decode step <= 1.3x the floor; verify of 8 <= 1.15x a decode step;
-demo-l s2d >= 1.5x the CUDA-graph ar.
+demo-l s2d >= 1.5x the CUDA-graph ar; a tensor_parallel 2 decode <= 0.6x tensor_parallel 1's.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ def seven_b(hbm_tb_s: float, context: int = 512) -> list[dict]:
 
     cfg = LlamaConfig(**SHAPE_7B)
     with torch.device("meta"):
-        lm = attach(CausalLM(cfg, n_slots=1, max_len=2048, dtype=torch.bfloat16, devices=("cuda",),
+        lm = attach(CausalLM(cfg, n_slots=1, max_len=2048, dtype=torch.bfloat16, device="cuda",
                              static_forward="on"))
     state = {k: torch.randn(v.shape, dtype=torch.bfloat16, device="cuda") * 0.02 for k, v in lm.state_dict().items()}
     lm.load_weights(state)
@@ -93,6 +95,10 @@ def main():
         print(f"| {r['what']} | {r['eager_ms']} | {r['graph_ms']} | {r['floor_ms']} | {r['x_floor']}x | "
               f"{r['tok_s'] or ''} |")
     print(f"\nverify of 8 / decode step (graphs): {steps[1]['x_decode']}x\n")
+    import tp_bench  # beside this file
+
+    tp_bench.main(["--model", "7b", "--device", "cuda", "--sizes", "1,2,4"])
+    print()
     summary = [] if a.skip_demo else demo(out)
     if summary:
         print("| target | T | method | tok/s | speedup | MAT |\n|---|---|---|---|---|---|")

@@ -25,9 +25,9 @@ def forward_ms(m, n: int, T: int, reps: int) -> float:
     """One row of T tokens at context n, with the LM head on its last token (as a decode or verify)."""
     rows = [[1] * T]
     if m.static is not None:
-        step = lambda: m.static.run([0], [n], [T], pad_tokens(rows, m.first_device))[:, -1]  # noqa: E731
+        step = lambda: m.static.run([0], [n], [T], pad_tokens(rows, m.device))[:, -1]  # noqa: E731
     else:
-        step = lambda: m.logits(m.run_layers(m.embed(pad_tokens(rows, m.first_device)), m.batch([0], [n], [T]))[:, -1])  # noqa: E731
+        step = lambda: m.logits(m.run_layers(m.embed(pad_tokens(rows, m.device)), m.batch([0], [n], [T]))[:, -1])  # noqa: E731
     return median_ms(step, reps)
 
 

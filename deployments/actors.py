@@ -1,8 +1,11 @@
 """The draft and target actors of a serving cell: thin Ray wrappers over s2d's proposer and
-verifier that run `propose_tick` / `verify_tick` inside the cell's compiled graph."""
+verifier that run `propose_tick` / `verify_tick` inside the cell's compiled graph. A target split
+over ranks (tensor_parallel) is one TargetActor per rank, in lockstep: every rank runs each tick,
+rank 0 alone samples and returns (s2d/worker/parallel.py)."""
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import ray
 import torch
@@ -10,6 +13,7 @@ import torch
 from s2d.core.config import EngineConfig, ModelSpec
 from s2d.core.engine import load_draft, load_target
 from s2d.core.executor import Drafted, Tick, Verified, propose_tick, verify_tick
+from s2d.worker import parallel
 from s2d.worker.workers import Proposer, Verifier
 
 
@@ -60,20 +64,46 @@ class DraftActor(_Actor):
         use_threads(self.threads)
         return propose_tick(self.worker, tick)
 
+    def propose_for_ranks(self, tick: Tick) -> tuple[Drafted, Drafted]:
+        """The tick's drafts for the targets' rank 0s, and the same without the sampled rows'
+        probabilities for the other ranks, which do not sample (bind with num_returns=2)."""
+        drafted = self.propose(tick)
+        bare = [p if p is None or p.q is None else replace(p, q=None) for p in drafted.proposals]
+        return drafted, replace(drafted, proposals=bare)
+
 
 @ray.remote(concurrency_groups=CONTROL)
 class TargetActor(_Actor):
-    def __init__(self, config: dict, share: int, name: str):
+    def __init__(self, config: dict, share: int, name: str, rank: int = 0):
         cfg = EngineConfig.model_validate(config)
         self.threads = torch_threads(cfg.target(name), share)
-        self.name = name
+        self.name, self.rank = name, rank
         use_threads(self.threads)
-        self.worker = Verifier(load_target(cfg, name))
+        self.worker = Verifier(load_target(cfg, name, rank))
 
     @ray.method(concurrency_group="control")
     def vocab(self) -> int:
         return self.worker.lm.cfg.vocab_size
 
-    def verify(self, drafted: Drafted) -> Verified:
+    @ray.method(concurrency_group="control")
+    def node(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    @ray.method(concurrency_group="control")
+    def listen(self) -> dict:
+        return parallel.listen(ray.util.get_node_ip_address())
+
+    @ray.method(concurrency_group="control")
+    def in_group(self) -> bool:
+        return torch.distributed.is_initialized()
+
+    def join(self, rendezvous: dict, same_node: bool):
+        """Join the target's group (every rank at once): through shared memory where all ranks
+        share this node and it can (parallel.py), else gloo or NCCL."""
+        lm = self.worker.lm
+        parallel.join(lm.tp, rendezvous, same_node and parallel.shared_memory_works(lm.device))
+
+    def verify(self, drafted: Drafted) -> Verified | None:
         use_threads(self.threads)
-        return verify_tick(self.worker, self.name, drafted)
+        verified = verify_tick(self.worker, self.name, drafted)
+        return verified if self.rank == 0 else None  # the other ranks' verdicts are rank 0's

@@ -28,12 +28,16 @@ def test_gpu_engine_config_places_the_family_in_two_cells():
 
     cfg = EngineConfig.model_validate(yaml.safe_load((ROOT / "cluster" / "engine.gpu.yaml").read_text()))
     big = cfg.target("llama-2-70b-chat")
-    assert big.num_gpus == 4 and len(big.placement) == 4 and cfg.draft.num_gpus == 1
+    assert big.tensor_parallel == 4 and big.num_gpus == 1 and cfg.target("vicuna-13b").tensor_parallel == 2
     assert (cfg.cell_of("llama-2-70b-chat").name == "70b"
             and cfg.cell_of("vicuna-7b").targets == ["vicuna-7b", "vicuna-13b"])
-    # the cell's own bundle, the draft's, each target's: every cell holds a draft
-    assert [b.get("GPU", 0) for b in cell_bundles(cfg, "family")] == [0, 1, 1, 1]
-    assert [b.get("GPU", 0) for b in cell_bundles(cfg, "70b")] == [0, 1, 4]
+    # the cell's own bundle, the draft's, each target rank's: every cell holds a draft
+    family, seventy = ([b.get("GPU", 0) for b in cell_bundles(cfg, c)] for c in ("family", "70b"))
+    assert family == [0, 1, 1, 1, 1] and seventy == [0, 1, 1, 1, 1, 1]
+    # and a replica's placement group fits one node of its KubeRay worker group (PACK keeps NCCL on a node)
+    groups = yaml.safe_load((ROOT / "cluster" / "rayservice.yaml").read_text())["spec"]["rayClusterConfig"]
+    gpus = {g["groupName"]: int(g["rayStartParams"]["num-gpus"]) for g in groups["workerGroupSpecs"]}
+    assert sum(family) == gpus["gpu-4x"] and sum(seventy) <= gpus["gpu-8x"]
 
 
 def test_cells_default_to_one_and_must_cover_every_target_once():

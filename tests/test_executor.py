@@ -80,7 +80,7 @@ def test_an_actor_killed_mid_run_is_replaced_and_every_request_completes(cluster
 
     def kill(step):
         if step == 3:
-            ray.kill(ex.draft if victim == "draft" else ex.targets[victim], no_restart=True)
+            ray.kill(ex.draft if victim == "draft" else ex.ranks[victim][0], no_restart=True)
 
     try:
         assert run(core, requests(), on_step=kill) == expected

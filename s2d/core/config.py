@@ -61,7 +61,6 @@ class SamplingParams(Strict):
 class ModelSpec(Strict):
     path: str
     device: str = "cpu"
-    devices: list[str] | None = None  # layer-wise placement over several devices (large targets)
     dtype: Dtype = "auto"  # auto: bfloat16 on GPU and on a CPU with AVX512-BF16 or AMX, else float32
     # Decode, verify, prompt-chunk and draft steps at bucketed static shapes (s2d/worker/graphs.py): on (and
     # auto) compiles them on CPU (AOTInductor packages, built or loaded at startup) and captures CUDA
@@ -71,14 +70,10 @@ class ModelSpec(Strict):
     max_seqs: int = Field(8, ge=1)  # KV-cache slots
     max_seq_len: int | None = Field(None, ge=8)  # default: min(model context, 2048)
     trust_remote_code: bool = False
-    # Read only by deployments/: the model's bundle in its cell's placement group. Torch threads:
-    # num_cpus where >= 1, else every core.
+    # Read only by deployments/: the model's bundle in its cell's placement group (each rank's, for a
+    # tensor-parallel target). Torch threads: num_cpus where >= 1, else an equal share of the cores.
     num_gpus: float = Field(0.0, ge=0)
     num_cpus: float = Field(0.0, ge=0)
-
-    @property
-    def placement(self) -> list[str]:
-        return self.devices or [self.device]
 
 
 DraftSpec = ModelSpec  # the draft needs no more than any model
@@ -90,6 +85,10 @@ class TargetSpec(ModelSpec):
     # A base model's plain prompt is text to continue even where its tokenizer has a chat template
     # (chat messages still go through the template); by default a plain prompt is the user turn.
     plain_prompts: bool = False
+    # Ranks the target is split over (s2d/worker/parallel.py): each a Ray actor with its own bundle
+    # (num_gpus and num_cpus are per rank). It must divide the model's KV heads and MLP width, and
+    # needs a Ray cell whose transport is compiled_graph or actor_calls.
+    tensor_parallel: int = Field(1, ge=1)
 
 
 class Limits(Strict):
@@ -181,6 +180,9 @@ class EngineConfig(Strict):
                              f"targets are {names}")
         if len({c.name for c in self.cells}) != len(self.cells):
             raise ValueError("cells: duplicate cell names")
+        for c in self.cells:
+            if c.transport == "in_process":
+                refuse_tensor_parallel(self, c.targets, f"cells.{c.name}.transport in_process")
         return self
 
     def cell(self, name: str) -> CellSpec:
@@ -204,7 +206,7 @@ class EngineConfig(Strict):
             return self
         cfg = self.model_copy(deep=True)
         for m in [cfg.draft, *cfg.targets]:
-            m.device, m.devices = device, None
+            m.device = device
         return cfg
 
     def with_models(self, dtype: str | None = None, static_forward: str | None = None) -> "EngineConfig":
@@ -213,6 +215,18 @@ class EngineConfig(Strict):
             m.dtype = dtype or m.dtype
             m.static_forward = static_forward or m.static_forward
         return self
+
+
+RANK_TRANSPORTS = ("compiled_graph", "actor_calls")  # the transports that run tensor-parallel ranks
+
+
+def refuse_tensor_parallel(cfg: EngineConfig, targets: list[str], where: str):
+    """A ValueError naming the first of `targets` split over ranks, which `where` cannot run."""
+    for name in targets:
+        if cfg.target(name).tensor_parallel > 1:
+            raise ValueError(f"targets.{name}.tensor_parallel: {cfg.target(name).tensor_parallel} needs rank actors, "
+                             f"which {where} cannot run; serve it from a Ray cell whose transport is one of "
+                             f"{list(RANK_TRANSPORTS)}")
 
 
 def only_targets(cfg: EngineConfig, names: list[str]) -> EngineConfig:

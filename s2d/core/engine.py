@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from s2d.core.config import EngineConfig, Limits, Profile, SamplingParams
+from s2d.core.config import EngineConfig, Limits, Profile, SamplingParams, refuse_tensor_parallel
 from s2d.core.engine_core import EngineCore
 from s2d.core.executor import Executor, InProcessExecutor
 from s2d.core.frontend import build_frontend
@@ -16,6 +16,7 @@ from s2d.core.sequence import Sequence
 from s2d.worker.draft import SortedDraft
 from s2d.worker.graphs import attach, warm_up
 from s2d.worker.model import CausalLM
+from s2d.worker.parallel import TensorParallel
 from s2d.worker.threads import on_passing_thread
 from s2d.worker.workers import Proposer, Verifier
 
@@ -29,22 +30,24 @@ def load_draft(cfg: EngineConfig) -> SortedDraft:
 def _load_draft(cfg: EngineConfig) -> SortedDraft:
     d = cfg.draft
     draft = SortedDraft.from_pretrained(cfg.resolve(d.path), n_slots=d.max_seqs, max_len=d.max_seq_len, dtype=d.dtype,
-                                        devices=d.placement, trust_remote_code=d.trust_remote_code,
+                                        device=d.device, trust_remote_code=d.trust_remote_code,
                                         static_forward=d.static_forward)
     warm_up("the draft", draft.static)
     return draft
 
 
-def load_target(cfg: EngineConfig, name: str) -> CausalLM:
-    """A target, its static forward compiled (s2d/worker/graphs.py), on a passing thread (as the draft)."""
-    return on_passing_thread(_load_target, cfg, name)
+def load_target(cfg: EngineConfig, name: str, rank: int = 0) -> CausalLM:
+    """A target (with tensor_parallel, rank `rank`'s part of it), its static forward compiled
+    (s2d/worker/graphs.py), on a passing thread (as the draft)."""
+    return on_passing_thread(_load_target, cfg, name, rank)
 
 
-def _load_target(cfg: EngineConfig, name: str) -> CausalLM:
+def _load_target(cfg: EngineConfig, name: str, rank: int) -> CausalLM:
     t = cfg.target(name)
     lm = attach(CausalLM.from_pretrained(cfg.resolve(t.path), n_slots=t.max_seqs, max_len=t.max_seq_len, dtype=t.dtype,
-                                         devices=t.placement, trust_remote_code=t.trust_remote_code,
-                                         static_forward=t.static_forward))
+                                         device=t.device, trust_remote_code=t.trust_remote_code,
+                                         static_forward=t.static_forward,
+                                         tp=TensorParallel(rank, t.tensor_parallel, t.device)))
     warm_up(name, [lm.static, lm.static_fill] if lm.static else [])
     return lm
 
@@ -57,8 +60,10 @@ def check_vocab(draft_vocab: int, target_vocabs: dict[str, int]):
 
 def load_in_process(cfg: EngineConfig, targets: list[str] | None = None) -> InProcessExecutor:
     """The draft and the targets (default: all) loaded in this process, behind the in-process executor."""
+    targets = targets or [t.name for t in cfg.targets]
+    refuse_tensor_parallel(cfg, targets, "the in-process engine")
     draft = load_draft(cfg)
-    models = {t: load_target(cfg, t) for t in targets or [t.name for t in cfg.targets]}
+    models = {t: load_target(cfg, t) for t in targets}
     check_vocab(draft.lm.cfg.vocab_size, {n: m.cfg.vocab_size for n, m in models.items()})
     return InProcessExecutor(Proposer(draft), {n: Verifier(m) for n, m in models.items()})
 

@@ -8,11 +8,11 @@ import torch
 
 
 class KVCache:
-    def __init__(self, n_slots, max_len, n_kv_heads, head_dim, dtype, layer_devices):
+    def __init__(self, n_slots, max_len, n_layers, n_kv_heads, head_dim, dtype, device):
         # One extra position per slot (index max_len) takes the writes of padding tokens.
         shape = (n_slots, n_kv_heads, max_len + 1, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=d) for d in layer_devices]
-        self.v = [torch.zeros(shape, dtype=dtype, device=d) for d in layer_devices]
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
 
     def write(self, layer: int, tok_slots, write_pos, k, v):
         """k, v: [B, Hkv, T, D] stored at write_pos [B, T] of the slots tok_slots [B, T]."""

@@ -69,7 +69,7 @@ class SortedDraft:
         self.lm, self.exits = lm, exits
         self.bounds = list(zip([0, *exits[:-1]], exits))
         # one scratch position past the end takes the padding's writes, as in KVCache: no mask to count
-        self.hidden = torch.zeros(lm.n_slots, lm.max_len + 1, lm.cfg.hidden_size, dtype=lm.dtype, device=lm.last_device)
+        self.hidden = torch.zeros(lm.n_slots, lm.max_len + 1, lm.cfg.hidden_size, dtype=lm.dtype, device=lm.device)
         # each segment's step, exit head included, at static shapes (compiled on CPU, captured on CUDA)
         self.static = [StaticForward(lm, lm.static_mode, bounds, self.hidden) for bounds in self.bounds] \
             if lm.static_mode else []
@@ -94,7 +94,7 @@ class SortedDraft:
         logits [B, V] at each slot's last position, and its confidence (top probability) and argmax
         [B]. `tokens` feeds segment 0."""
         lm = self.lm
-        dev = lm.first_device
+        dev = lm.device
         starts = [self.fill[sl][s] for sl in slots]
         counts = [e - st for e, st in zip(ends, starts)]
         x = pad_tokens([t[st:e] for t, st, e in zip(tokens, starts, ends)], dev) if s == 0 else None  # [B, T]
@@ -111,8 +111,8 @@ class SortedDraft:
         """run_segment through the packed eager forward (prefills, and models without a static step)."""
         lm = self.lm
         T = max(counts)
-        _, write_pos = lm.positions(starts, counts, T, lm.first_device)  # [B, T]
-        slot_idx = torch.tensor(slots, device=lm.first_device)[:, None].expand(-1, T)
+        _, write_pos = lm.positions(starts, counts, T, lm.device)  # [B, T]
+        slot_idx = torch.tensor(slots, device=lm.device)[:, None].expand(-1, T)
         h = lm.embed(x) if s == 0 else self.hidden[slot_idx, write_pos]  # [B, T, d]
         h = lm.run_layers(h, lm.batch(slots, starts, counts), *self.bounds[s])
         self.hidden[slot_idx, write_pos] = h.to(self.hidden.device)

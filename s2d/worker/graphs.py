@@ -70,7 +70,7 @@ class StaticForward:
         self.gather = self.exit_head or fill  # rows in any slots (their keys gathered), not 0..R-1
         self.from_tokens = self.lo == 0
         self.hidden = hidden  # [n_slots, max_len + 1, d] a draft's hidden states (exit_head only)
-        dev = torch.device(lm.first_device)
+        dev = torch.device(lm.device)
         self.capture = mode == "on" and dev.type == "cuda"
         self.compiled = mode == "on" and dev.type == "cpu"
         # chunks of any length through one package on CPU; a CUDA graph is captured per shape, so
@@ -80,11 +80,10 @@ class StaticForward:
         self.shapes: dict[tuple[int, int, int], Shape] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
         self.replays = 0  # forwards served by this path (stats, tests)
-        self.one_device = lm.first_device == lm.last_device and len(set(lm.layer_devices)) == 1
 
     def eligible(self, slots: list[int], counts: list[int]) -> bool:
         contiguous = self.gather or slots == list(range(len(slots)))
-        return self.one_device and contiguous and max(counts) <= self.max_width
+        return contiguous and max(counts) <= self.max_width
 
     def _step(self, x, rows, cols, keys):
         """Pure tensor code over the static buffers (compiled or captured). A target: the logits
@@ -118,7 +117,7 @@ class StaticForward:
     def _shape(self, R: int, T: int, n_keys: int) -> Shape:
         key = (R, T, n_keys)
         if key not in self.shapes:
-            dev = self.lm.first_device
+            dev = self.lm.device
             s = Shape(torch.zeros(R, T, dtype=torch.long, device=dev) if self.from_tokens else None,
                       torch.zeros(3, R, dtype=torch.long, device=dev), torch.arange(T, device=dev),
                       torch.arange(n_keys, device=dev))
@@ -176,7 +175,7 @@ class StaticForward:
         global compilations, loaded
         if not self.compiled or self.run_compiled is not None:
             return
-        dev = self.lm.first_device
+        dev = self.lm.device
         # an example of the sizes served (autotuning times the GEMMs at them): two rows of two
         # tokens, or of a chunk's 64 for a fill
         R, T = min(2, self.lm.n_slots), 64 if self.fill else 2

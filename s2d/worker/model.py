@@ -7,6 +7,7 @@ tokens (right-padded to a common T): prefill, decode and verification are the sa
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -14,11 +15,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
 from s2d.worker.cache import KVCache
+from s2d.worker.parallel import TensorParallel, check_divides
 
+log = logging.getLogger("s2d.worker.model")
 SUPPORTED = {"llama", "mistral", "qwen2"}
 KEY_BUCKET = 64  # key lengths round up to this, so shapes repeat (compile/CUDA-graph friendly)
 
@@ -121,10 +125,13 @@ class Batch:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg):
+    """Self-attention; under tensor parallelism this rank's heads only (s2d/worker/parallel.py)."""
+
+    def __init__(self, cfg, tp: TensorParallel):
         super().__init__()
-        self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.tp = tp
+        self.n_heads, self.n_kv = tp.part(cfg.num_attention_heads), tp.part(cfg.num_key_value_heads)
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         bias = getattr(cfg, "attention_bias", False) or cfg.model_type == "qwen2"
         d = cfg.hidden_size
         self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=bias)
@@ -174,17 +181,18 @@ class Attention(nn.Module):
         return self._out(torch.cat(ys, 1).transpose(0, 1).reshape(1, T, -1))
 
     def _out(self, y):
-        y = y @ self.w_o
+        y = self.tp.reduce(y @ self.w_o)  # row-parallel: the ranks' partial sums
         return y if self.b_o is None else y + self.b_o
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, tp: TensorParallel):
         super().__init__()
-        bias = getattr(cfg, "mlp_bias", False)
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
+        self.tp = tp
+        bias, inter = getattr(cfg, "mlp_bias", False), tp.part(cfg.intermediate_size)
+        self.gate_proj = nn.Linear(cfg.hidden_size, inter, bias=bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, inter, bias=bias)
+        self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=bias)
 
     def fuse(self):
         """gate and up as one input-major [d, 2 I] matrix (see Attention.fuse)."""
@@ -201,7 +209,7 @@ class MLP(nn.Module):
         if self.b_gu is not None:
             gu = gu + self.b_gu
         gate, up = gu.chunk(2, dim=-1)
-        y = (F.silu(gate) * up) @ self.w_d
+        y = self.tp.reduce((F.silu(gate) * up) @ self.w_d)  # row-parallel: the ranks' partial sums
         return y if self.down_proj.bias is None else y + self.down_proj.bias
 
 
@@ -218,10 +226,10 @@ class RMSNorm(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, tp: TensorParallel):
         super().__init__()
-        self.self_attn = Attention(cfg)
-        self.mlp = MLP(cfg)
+        self.self_attn = Attention(cfg, tp)
+        self.mlp = MLP(cfg, tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -231,20 +239,23 @@ class Block(nn.Module):
 
 
 class Backbone(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, tp: TensorParallel):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(Block(cfg, tp) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class CausalLM(nn.Module):
-    """A Llama-family LM over a static KV cache with `n_slots` sequences of `max_len` tokens."""
+    """A Llama-family LM over a static KV cache with `n_slots` sequences of `max_len` tokens; with
+    `tp`, one rank's part of it (s2d/worker/parallel.py)."""
 
-    def __init__(self, cfg, n_slots=8, max_len=None, dtype=torch.float32, devices=("cpu",), static_forward="off"):
+    def __init__(self, cfg, n_slots=8, max_len=None, dtype=torch.float32, device="cpu", static_forward="off",
+                 tp: TensorParallel = TensorParallel()):
         super().__init__()
-        self.cfg = cfg
-        self.model = Backbone(cfg)
+        check_divides(tp.size, cfg, "tensor_parallel")
+        self.cfg, self.tp = cfg, tp
+        self.model = Backbone(cfg, tp)
         self.tied = bool(getattr(cfg, "tie_word_embeddings", False))
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if self.tied:
@@ -255,11 +266,7 @@ class CausalLM(nn.Module):
         with torch.device("cpu"):  # real values even when the module is built on the meta device
             inv_freq, self.rope_scale = rope_inv_freq(cfg)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.n_slots, self.dtype = n_slots, dtype
-        # Layer-wise placement: layers split evenly over the devices, in order (pipeline in one process).
-        n = len(devices)
-        self.layer_devices = [devices[min(i * n // self.n_layers, n - 1)] for i in range(self.n_layers)]
-        self.first_device, self.last_device = devices[0], devices[-1]
+        self.n_slots, self.dtype, self.device = n_slots, dtype, device
         self.cache: KVCache | None = None
         self.forward_s = 0.0  # seconds spent in layers and head (on CPU; on a GPU, launching them)
         # s2d/worker/graphs.py: decode and verify at static shapes, compiled or captured (resolve_static),
@@ -269,14 +276,15 @@ class CausalLM(nn.Module):
 
     # -- loading -------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path, n_slots=8, max_len=None, dtype="float32", devices=("cpu",), trust_remote_code=False,
-                        static_forward="off"):
-        """A checkpoint as a model: fp32 unless asked (configs pass their dtype, "auto" included)."""
+    def from_pretrained(cls, path, n_slots=8, max_len=None, dtype="float32", device="cpu", trust_remote_code=False,
+                        static_forward="off", tp: TensorParallel = TensorParallel()):
+        """A checkpoint as a model (with `tp`, this rank's part, read as such): fp32 unless asked
+        (configs pass their dtype, "auto" included)."""
         cfg = load_hf_config(path, trust_remote_code)
-        torch_dtype = resolve_dtype(dtype, devices[0]) if isinstance(dtype, str) else dtype
+        torch_dtype = resolve_dtype(dtype, device) if isinstance(dtype, str) else dtype
         with torch.device("meta"):
-            model = cls(cfg, n_slots, max_len, torch_dtype, tuple(devices), static_forward)
-        model.load_weights(load_safetensors_dir(path))
+            model = cls(cfg, n_slots, max_len, torch_dtype, device, static_forward, tp)
+        model.load_weights(load_safetensors_dir(path, tp.shard))
         return model
 
     def load_weights(self, state: dict[str, torch.Tensor]):
@@ -294,15 +302,10 @@ class CausalLM(nn.Module):
         self.place()
 
     def place(self):
-        """Move weights to their devices and dtype, and allocate the cache."""
-        self.model.embed_tokens.to(self.first_device, self.dtype)
-        for layer, dev in zip(self.model.layers, self.layer_devices):
-            layer.to(dev, self.dtype)
-        self.model.norm.to(self.last_device, self.dtype)
-        self.lm_head.to(self.last_device, self.dtype)
-        if self.tied and self.first_device != self.last_device:
-            self.lm_head.weight = nn.Parameter(self.model.embed_tokens.weight.to(self.last_device))
-        self.inv_freq = self.inv_freq.to(self.first_device)
+        """Move weights to the device and dtype, and allocate the cache."""
+        inv_freq = self.inv_freq  # fp32: rope is computed in fp32 whatever the dtype
+        self.to(self.device, self.dtype)
+        self.inv_freq = inv_freq.to(self.device)
         self.eval().requires_grad_(False)
         with torch.no_grad():
             for layer in self.model.layers:
@@ -311,10 +314,14 @@ class CausalLM(nn.Module):
             self.w_head = self.lm_head.weight.t().contiguous()  # [d, V] (a copy when tied to the embedding)
             if not self.tied:
                 self.lm_head.weight = nn.Parameter(self.w_head.t(), requires_grad=False)
-        self.static_mode = resolve_static(self.static_forward, self.first_device)
-        hd = getattr(self.cfg, "head_dim", None) or self.cfg.hidden_size // self.cfg.num_attention_heads
-        self.cache = KVCache(self.n_slots, self.max_len, self.cfg.num_key_value_heads, hd, self.dtype,
-                             self.layer_devices)
+        self.static_mode = resolve_static(self.static_forward, self.device)
+        if self.tp.size > 1 and self.static_mode == "on" and self.device == "cpu":
+            # a compiled package cannot call the shared-memory all-reduce (parallel.py): same shapes, eager
+            log.warning("s2d: tensor-parallel rank %d runs its static steps eagerly on CPU", self.tp.rank)
+            self.static_mode = "eager"
+        attn = self.model.layers[0].self_attn
+        self.cache = KVCache(self.n_slots, self.max_len, self.n_layers, attn.n_kv, attn.head_dim, self.dtype,
+                             self.device)
         return self
 
     # -- forward -------------------------------------------------------------------------------
@@ -363,7 +370,7 @@ class CausalLM(nn.Module):
                                   torch.arange(T, device=device))
 
     def _group(self, start: int, slots: list[int], starts: list[int], counts: list[int]):
-        dev = self.first_device
+        dev = self.device
         pos, write_pos = self.positions(starts, counts, max(counts), dev)
         end = max(s + c for s, c in zip(starts, counts))
         n_keys = min(-(-end // KEY_BUCKET) * KEY_BUCKET, self.max_len + 1)
@@ -374,7 +381,7 @@ class CausalLM(nn.Module):
         return g, pos, write_pos
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.model.embed_tokens(tokens.to(self.first_device))
+        return self.model.embed_tokens(tokens.to(self.device))
 
     def rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin [B, 1, T, D] of positions [B, T], in the model's dtype."""
@@ -385,20 +392,16 @@ class CausalLM(nn.Module):
 
     def run_layers(self, h: torch.Tensor, b: Batch, start: int = 0, stop: int | None = None) -> torch.Tensor:
         t0 = time.perf_counter()
-        rope = {}
+        cos, sin = self.rope(b.pos)
         for i in range(start, self.n_layers if stop is None else stop):
-            dev = self.layer_devices[i]
-            if dev not in rope:
-                rope[dev] = self.rope(b.pos.to(dev))
-                b_dev = b if dev == self.first_device else _batch_to(b, dev)
-            h = self.model.layers[i](h.to(dev), *rope[dev], self.cache, i, b_dev)
+            h = self.model.layers[i](h, cos, sin, self.cache, i, b)
         self.forward_s += time.perf_counter() - t0
         return h
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """[..., d] -> [..., V] fp32 logits: the final norm and the LM head, pure tensor code (the
         static steps run it inside their graph)."""
-        return (self.model.norm(h.to(self.last_device)) @ self.w_head).float()
+        return (self.model.norm(h) @ self.w_head).float()
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """`head`, timed into forward_s."""
@@ -417,14 +420,9 @@ def confidence(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.softmax(logits, -1).max(-1)
 
 
-def _batch_to(b: Batch, dev) -> Batch:
-    groups = [Group(g.start, g.rows, g.width, g.slots.to(dev), g.mask.to(dev), g.n_keys, g.contiguous_from)
-              for g in b.groups]
-    return Batch(b.tok_slots.to(dev), b.pos.to(dev), b.write_pos.to(dev), groups, b.counts)
-
-
-def load_safetensors_dir(path) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint folder (single file or sharded); safetensors only."""
+def load_safetensors_dir(path, part=None) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint folder (single file or sharded); safetensors only. With `part`
+    (name, lazy slice) -> tensor, only what it slices is read (a tensor-parallel rank's share)."""
     path = Path(path)
     files = sorted(path.glob("*.safetensors"))
     if not files:
@@ -432,9 +430,13 @@ def load_safetensors_dir(path) -> dict[str, torch.Tensor]:
     index = path / "model.safetensors.index.json"
     if index.exists():
         files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
+    if part is None:
+        return {k: v for f in files for k, v in load_file(str(f)).items()}
     state = {}
     for f in files:
-        state.update(load_file(str(f)))
+        with safe_open(str(f), framework="pt") as st:
+            for k in st.keys():
+                state[k] = part(k, st.get_slice(k))
     return state
 
 

@@ -15,6 +15,7 @@ import torch
 from s2d.core.config import SamplingParams
 from s2d.worker.draft import SortedDraft
 from s2d.worker.model import KEY_BUCKET, CausalLM, pack_tokens, pad_tokens
+from s2d.worker.parallel import TensorParallel
 from s2d.worker.rejection import verify_batch
 from s2d.worker.sampling import draw, exponentials, generator, probs_from_logits
 from s2d.worker.slots import SlotTable
@@ -222,7 +223,7 @@ class Proposer(Worker):
         work = [it.tokens for it in items]  # the buffers (Worker.sync): the drafts go on them
         out = [Proposal() for _ in items]
         qs: list[list[torch.Tensor]] = [[] for _ in items]
-        gens = [None if it.params.greedy else generator(it.seed, self.draft.lm.last_device) for it in items]
+        gens = [None if it.params.greedy else generator(it.seed, self.draft.lm.device) for it in items]
         # slot order: adjacent slots read the cache as a view
         active = sorted((i for i, it in enumerate(items) if it.k > 0), key=lambda i: slots[i])
         self.batch_sizes.append(len(active))
@@ -350,7 +351,7 @@ class Verifier(Worker):
         if fill and lm.static_fill:  # prompt chunks through the fill step, ahead of the decode rows
             sl, st, toks = (list(col) for col in zip(*fill))
             if lm.static_fill.eligible(sl, lens := [len(t) for t in toks]):
-                lm.static_fill.run(sl, st, lens, pad_tokens(toks, lm.first_device))
+                lm.static_fill.run(sl, st, lens, pad_tokens(toks, lm.device))
                 fill = []
         dec = split_by_keys(list(range(len(items))), [st + len(r) for st, r in zip(starts, rows)]) if items else []
         # slot order: adjacent slots read the cache as a view
@@ -363,12 +364,12 @@ class Verifier(Worker):
         one = groups[0] if lm.static and not fill and len(dec) == 1 else None  # (slots, starts, rows)
         if one and lm.static.eligible(one[0], counts := [len(r) for r in one[2]]):
             # the bucketed static step (compiled on CPU, a CUDA graph on GPU): one group of rows in slots 0..B-1
-            out = lm.static.run(one[0], one[1], counts, pad_tokens(one[2], lm.first_device))  # [B, T, V]
+            out = lm.static.run(one[0], one[1], counts, pad_tokens(one[2], lm.device))  # [B, T, V]
             layout = [(0, out.shape[1])]
             pick = lambda at: out.reshape(-1, out.shape[-1])[at]  # noqa: E731
         elif groups:
             batch = lm.packed([(sl, st, [len(r) for r in rs]) for sl, st, rs in groups])
-            h = lm.run_layers(lm.embed(pack_tokens([rs for _, _, rs in groups], lm.first_device)), batch)  # [1, N, d]
+            h = lm.run_layers(lm.embed(pack_tokens([rs for _, _, rs in groups], lm.device)), batch)  # [1, N, d]
             layout = [(grp.start, grp.width) for grp in batch.groups[len(groups) - len(dec):]]
             pick = lambda at: lm.logits(h[0, at.to(h.device)])  # noqa: E731
         for it in chunks:
@@ -376,6 +377,21 @@ class Verifier(Worker):
         if not items:
             self._observe("prefill", len(chunks), n_tokens, time.perf_counter() - t0)
             return []
+        # rejection sampling runs once, on rank 0 of a tensor-parallel group, which shares the verdicts
+        verdicts = self._judge(items, rows, layout, dec, pick) if lm.tp.rank == 0 else None
+        verdicts = share_verdicts(lm.tp, verdicts, len(items))
+        # timed to the batch's one sync: on a GPU the forward has run by then, not only launched
+        self._observe("verify" if not filled else "verify+prefill", len(items), n_tokens, time.perf_counter() - t0)
+        for it, v in zip(items, verdicts):
+            self.table.cached[it.seq_id] = len(it.tokens) + v.accepted
+            if v.error:
+                self.failed.add(it.seq_id)
+            else:
+                it.tokens.extend(it.drafts[:v.accepted])  # the buffer (Worker.sync) holds what the cache holds
+        return verdicts
+
+    def _judge(self, items: list[VerifyItem], rows: list[list[int]], layout, dec, pick) -> list[Verdict]:
+        """Each item's verdict from the target's logits: its accepted drafts and the target's token."""
         # logits only where they are needed: the last k+1 positions of each decode row
         at = {}
         for (start, width), g in zip(layout, dec):
@@ -383,35 +399,37 @@ class Verifier(Worker):
                 end = start + r * width + len(rows[i])
                 at[i] = torch.arange(end - len(items[i].drafts) - 1, end)
         logits = pick(torch.cat([at[i] for i in range(len(items))]))  # [sum(k+1), V]
-        rows = logits.split([len(it.drafts) + 1 for it in items])
         verdicts: list[Verdict | None] = [None] * len(items)
         batch, ps, gens = [], [], []
-        for i, (it, lg) in enumerate(zip(items, rows)):
+        per_item = logits.split([len(it.drafts) + 1 for it in items])
+        for i, (it, lg) in enumerate(zip(items, per_item)):
             try:
                 p = None if it.params.greedy else probs_from_logits(lg, it.params)  # [k+1, V]
             except Exception as e:  # noqa: BLE001 - this sequence alone fails
-                verdicts[i] = self._fail_verify(it, f"{type(e).__name__}: {e}")
+                verdicts[i] = failed_verdict(f"{type(e).__name__}: {e}")
                 continue
             batch.append(i)
             ps.append(p)
             gens.append(None if p is None else generator(it.seed, lg.device))
         if batch:
-            emitted = verify_batch([items[i].drafts for i in batch], torch.cat([rows[i] for i in batch]),
+            emitted = verify_batch([items[i].drafts for i in batch], torch.cat([per_item[i] for i in batch]),
                                    [items[i].q for i in batch], ps, gens)
-            # timed to the batch's one sync: on a GPU the forward has run by then, not only launched
-            self._observe("verify" if not filled else "verify+prefill", len(items), n_tokens, time.perf_counter() - t0)
             for i, toks in zip(batch, emitted):
-                it = items[i]
-                if toks is None:  # greedy would pick NaN's index silently, sampling would pass it
-                    verdicts[i] = self._fail_verify(it, "the target's numbers are not finite")
-                    continue
-                accepted = len(toks) - 1
-                it.tokens.extend(it.drafts[:accepted])  # the buffer (Worker.sync) holds what the cache holds
-                self.table.cached[it.seq_id] = len(it.tokens)
-                verdicts[i] = Verdict(toks, accepted)
+                # greedy would pick NaN's index silently, sampling would pass it
+                verdicts[i] = failed_verdict("the target's numbers are not finite") if toks is None else \
+                    Verdict(toks, len(toks) - 1)
         return verdicts
 
-    def _fail_verify(self, it: VerifyItem, why: str) -> Verdict:
-        self.table.cached[it.seq_id] = len(it.tokens)
-        self.failed.add(it.seq_id)
-        return Verdict([], 0, f"verification failed: {why}")
+
+def failed_verdict(why: str) -> Verdict:
+    return Verdict([], 0, f"verification failed: {why}")
+
+
+def share_verdicts(tp: TensorParallel, verdicts: list[Verdict] | None, n: int) -> list[Verdict]:
+    """Rank 0's verdicts on every rank of a tensor-parallel group (the others pass None): one small
+    all-reduce of the accepted counts (-1: failed), so every rank's cache keeps what rank 0's keeps."""
+    if tp.size == 1:
+        return verdicts
+    counts = [-1 if v.error else v.accepted for v in verdicts] if verdicts else [0] * n
+    counts = tp.reduce(torch.tensor(counts, dtype=torch.float32, device=tp.device)).tolist()
+    return verdicts or [failed_verdict("on rank 0") if c < 0 else Verdict([], int(c)) for c in counts]
