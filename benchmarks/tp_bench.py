@@ -7,9 +7,9 @@ test):
 
 Each configuration runs its ranks as processes in lockstep (as the cell's rank actors run) over
 the static-shape step (s2d/worker/graphs.py) at a 256-token context: a decode (1 row, 1 token), a
-verify of 6 tokens, and a decode of 8 rows. On CPU, tensor_parallel 1 runs both eagerly and
-compiled (the ranks' steps run eagerly: parallel.py), and tensor_parallel 2 all-reduces through
-shared memory and through gloo. Rank 0 times each step; the other ranks wait on it in the
+verify of 6 tokens, and a decode of 8 rows. On CPU each runs compiled (AOTInductor packages,
+the all-reduce an op in them) and eagerly; tensor_parallel 2 all-reduces through shared memory,
+and eagerly through gloo (a split over nodes runs so: parallel.py). Rank 0 times each step; the other ranks wait on it in the
 collectives. Aim (issue 20): on CPU, tensor_parallel 2 within 1.5x of tensor_parallel 1; on a GPU,
 a 7B-shape decode at tensor_parallel 2 at most 0.6x of tensor_parallel 1's.
 """
@@ -23,7 +23,8 @@ import time
 import torch
 import torch.multiprocessing as mp
 
-from s2d.worker.graphs import attach, warm_up
+from s2d.core.engine import warm_up_target
+from s2d.worker.graphs import attach
 from s2d.worker.model import CausalLM, load_hf_config
 from s2d.worker.parallel import TensorParallel, join, listen
 
@@ -71,7 +72,7 @@ def rank_main(rank: int, size: int, args, static: str, transport: str, rendezvou
     lm = load(args, tp, static)
     if size > 1:
         join(tp, rendezvous, transport == "shm")
-    warm_up(f"rank {rank}", [lm.static, lm.static_fill])
+    warm_up_target(args.model, lm)
     dev = lm.device
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     for slot in range(8):  # every slot holds a CONTEXT-token prefix
@@ -80,8 +81,9 @@ def rank_main(rank: int, size: int, args, static: str, transport: str, rendezvou
     for what, B, T in STEPS:
         toks = torch.zeros(B, T, dtype=torch.long, device=dev)
         row[what] = timed(lambda: lm.static.run(list(range(B)), [CONTEXT] * B, [T] * B, toks), args.reps, sync)
-    if size > 1:  # one all-reduce of a decode's hidden state, and a layer's two of them
-        h = torch.zeros(1, 1, lm.cfg.hidden_size, dtype=lm.dtype, device=dev)
+    h = torch.zeros(1, 1, lm.cfg.hidden_size, dtype=lm.dtype, device=dev)
+    row["head_ms"] = timed(lambda: lm.head(h), args.reps, sync)  # what a vocab-parallel head could split
+    if size > 1:  # one all-reduce of a decode's hidden state
         row["reduce_us"] = 1000 * timed(lambda: tp.reduce(h), 200, sync)
     if rank == 0:
         queue.put(row)
@@ -118,20 +120,24 @@ def main(argv: list[str] | None = None):
         elif n == 1:
             cfgs += [(1, "on", "-"), (1, "eager", "-")]
         else:
-            cfgs += [(n, "eager", "shm"), (n, "eager", "gloo")]
+            cfgs += [(n, "on", "shm"), (n, "eager", "shm"), (n, "eager", "gloo")]
     if args.model != "7b":
         cfg = load_hf_config(os.path.join(os.path.dirname(__file__), "..", "s2d", "demo", args.model))
         print(f"{args.model}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}")
     print(f"{args.model} {args.dtype} on {args.device}, context {CONTEXT}, {args.cores} cores\n")
-    rows = [(n, static, transport, run(args, n, static, transport)) for n, static, transport in cfgs]
-    base = {what: min(r[what] for n, *_, r in rows if n == 1) for what, *_ in STEPS}
     print("| tensor_parallel | step | all-reduce | " + " | ".join(f"{w} ms (x tp1)" for w, *_ in STEPS)
-          + " | all-reduce us |\n|---|---|---|" + "---|" * (len(STEPS) + 1))
-    for n, static, transport, r in rows:
+          + " | all-reduce us | LM head ms |\n|---|---|---|" + "---|" * (len(STEPS) + 2), flush=True)
+    base = {}
+    for n, static, transport in cfgs:  # tensor_parallel 1 first: the base of the ratios
+        r = run(args, n, static, transport)
+        if n == 1:
+            base = {w: min(base.get(w, r[w]), r[w]) for w, *_ in STEPS}
         cells = " | ".join(f"{r[w]:.3f} ({r[w] / base[w]:.2f}x)" for w, *_ in STEPS)
         step = {"on": "compiled" if args.device == "cpu" else "CUDA graph", "eager": "static, eager"}[static]
-        print(f"| {n} | {step} | {transport} | {cells} | {r.get('reduce_us', 0):.1f} |")
-    print("\n(x tp1: against the fastest tensor_parallel 1 step of the same shape; a layer all-reduces twice)")
+        print(f"| {n} | {step} | {transport} | {cells} | {r.get('reduce_us', 0):.1f} | {r['head_ms']:.3f} |",
+              flush=True)
+    print("\n(x tp1: against the fastest tensor_parallel 1 step of the same shape above it; a layer all-reduces "
+          "twice; LM head: eager, a decode's, on every rank when replicated)")
 
 
 if __name__ == "__main__":

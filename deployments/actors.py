@@ -11,7 +11,7 @@ import ray
 import torch
 
 from s2d.core.config import EngineConfig, ModelSpec
-from s2d.core.engine import load_draft, load_target
+from s2d.core.engine import load_draft, load_target, warm_up_target
 from s2d.core.executor import Drafted, Tick, Verified, propose_tick, verify_tick
 from s2d.worker import parallel
 from s2d.worker.workers import Proposer, Verifier
@@ -101,7 +101,9 @@ class TargetActor(_Actor):
         """Join the target's group (every rank at once): through shared memory where all ranks
         share this node and it can (parallel.py), else gloo or NCCL."""
         lm = self.worker.lm
+        use_threads(self.threads)  # compiling bakes the thread count in
         parallel.join(lm.tp, rendezvous, same_node and parallel.shared_memory_works(lm.device))
+        warm_up_target(self.name, lm)
 
     def verify(self, drafted: Drafted) -> Verified | None:
         use_threads(self.threads)

@@ -82,6 +82,18 @@ def test_two_ranks_give_the_tokens_of_one(cluster, family, expected, transport):
         ex.shutdown()
 
 
+def test_compiled_ranks_give_the_tokens_of_one(cluster, family, expected):
+    """Each rank's static steps compiled into a package that calls the shared-memory all-reduce."""
+    cfg = config(family)
+    cfg.target("large").static_forward = "on"
+    ex = RayExecutor(cfg, "main", pipeline=True)
+    try:
+        assert run(engine_core(cfg, ex, pipeline=True), requests()) == expected
+        assert ex.stats()["large"]["static_steps"] > 0
+    finally:
+        ex.shutdown()
+
+
 def test_two_ranks_greedy_equals_transformers(cluster, family):
     prompts = PROMPTS[12:20]
     want = hf_continuations(family, "large", prompts)

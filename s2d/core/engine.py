@@ -38,7 +38,8 @@ def _load_draft(cfg: EngineConfig) -> SortedDraft:
 
 def load_target(cfg: EngineConfig, name: str, rank: int = 0) -> CausalLM:
     """A target (with tensor_parallel, rank `rank`'s part of it), its static forward compiled
-    (s2d/worker/graphs.py), on a passing thread (as the draft)."""
+    (s2d/worker/graphs.py), on a passing thread (as the draft). A rank of a split target compiles
+    once it has joined its group (`warm_up_target`): its steps trace the group's all-reduce."""
     return on_passing_thread(_load_target, cfg, name, rank)
 
 
@@ -48,8 +49,22 @@ def _load_target(cfg: EngineConfig, name: str, rank: int) -> CausalLM:
                                          device=t.device, trust_remote_code=t.trust_remote_code,
                                          static_forward=t.static_forward,
                                          tp=TensorParallel(rank, t.tensor_parallel, t.device)))
-    warm_up(name, [lm.static, lm.static_fill] if lm.static else [])
+    if t.tensor_parallel == 1:
+        _warm_up_target(name, lm)
     return lm
+
+
+def warm_up_target(name: str, lm: CausalLM):
+    """Compile (or load) a target's static steps, on a passing thread."""
+    on_passing_thread(_warm_up_target, name, lm)
+
+
+def _warm_up_target(name: str, lm: CausalLM):
+    if lm.tp.size > 1 and lm.tp.shared is None and lm.device == "cpu" and lm.static_mode == "on":
+        # ranks on several CPU nodes: gloo inside a compiled package hung (docs/bench/tensor_parallel.md)
+        lm.static_mode = "eager"
+        attach(lm)
+    warm_up(name if lm.tp.size == 1 else f"{name} rank {lm.tp.rank}", [lm.static, lm.static_fill] if lm.static else [])
 
 
 def check_vocab(draft_vocab: int, target_vocabs: dict[str, int]):

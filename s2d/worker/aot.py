@@ -63,16 +63,18 @@ def flat_inputs(sf, args: tuple) -> list[torch.Tensor]:
 
 def _fingerprint(sf) -> str:
     """What the package is built from: which step (segment, fill), shapes, dtype, weights (each
-    tensor's sum and first values), torch, this code, the autotuning choice, and the threads it is
+    tensor's sum and first values), torch, this code, the autotuning choice, the tensor-parallel
+    rank and all-reduce (parallel.py), and the threads it is
     built for (the GEMM templates bake the count in: a package built in a 1-thread Ray worker would
     run its GEMMs on one core in a process that has two)."""
     lm = sf.lm
     h = hashlib.sha256()
     src = Path(__file__).parent
-    for name in ("aot.py", "graphs.py", "model.py", "cache.py"):
+    for name in ("aot.py", "graphs.py", "model.py", "cache.py", "parallel.py"):
         h.update((src / name).read_bytes())
     h.update(repr((torch.__version__, str(lm.dtype), lm.n_slots, lm.max_len, sf.lo, sf.hi, sf.exit_head, sf.fill,
-                   sf.max_width, autotune(), lm.window, torch.get_num_threads())).encode())
+                   sf.max_width, autotune(), lm.window, torch.get_num_threads(), lm.tp.rank, lm.tp.size,
+                   lm.tp.shared is not None)).encode())
     with torch.no_grad():
         for name, t in sorted(lm.state_dict().items()):
             h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())

@@ -7,7 +7,6 @@ tokens (right-padded to a common T): prefill, decode and verification are the sa
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 from dataclasses import dataclass
@@ -22,7 +21,6 @@ from torch import nn
 from s2d.worker.cache import KVCache
 from s2d.worker.parallel import TensorParallel, check_divides
 
-log = logging.getLogger("s2d.worker.model")
 SUPPORTED = {"llama", "mistral", "qwen2"}
 KEY_BUCKET = 64  # key lengths round up to this, so shapes repeat (compile/CUDA-graph friendly)
 
@@ -315,10 +313,6 @@ class CausalLM(nn.Module):
             if not self.tied:
                 self.lm_head.weight = nn.Parameter(self.w_head.t(), requires_grad=False)
         self.static_mode = resolve_static(self.static_forward, self.device)
-        if self.tp.size > 1 and self.static_mode == "on" and self.device == "cpu":
-            # a compiled package cannot call the shared-memory all-reduce (parallel.py): same shapes, eager
-            log.warning("s2d: tensor-parallel rank %d runs its static steps eagerly on CPU", self.tp.rank)
-            self.static_mode = "eager"
         attn = self.model.layers[0].self_attn
         self.cache = KVCache(self.n_slots, self.max_len, self.n_layers, attn.n_kv, attn.head_dim, self.dtype,
                              self.device)

@@ -21,6 +21,7 @@ from datetime import timedelta
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 
 GROUP_TIMEOUT_S = 60.0  # a collective waiting on a dead rank gives up after this
 
@@ -42,9 +43,12 @@ class TensorParallel:
         return n // self.size
 
     def reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum a row-parallel layer's partial outputs ([..., d], contiguous) over the ranks, in place."""
+        """Sum a row-parallel layer's partial outputs ([..., d], contiguous) over the ranks: in place
+        when run, an op of the graph when traced into a compiled step (use the value returned)."""
         if self.size == 1:
             return x
+        if torch.compiler.is_compiling():
+            return shared_all_reduce(x) if self.shared is not None else funcol.all_reduce(x, "sum", dist.group.WORLD)
         if self.shared is not None:
             return self.shared(x)
         dist.all_reduce(x)
@@ -92,8 +96,9 @@ def listen(host: str = "127.0.0.1") -> dict:
 def join(tp: TensorParallel, rendezvous: dict, shared: bool):
     """Join this process's target group (every rank calls it at once; it returns when all have).
     `shared`: every rank is on this node, so all-reduces go through shared memory."""
+    global _shared
     if shared:
-        tp.shared = SharedMemoryReduce(rendezvous["shm"], tp.rank, tp.size)
+        tp.shared = _shared = SharedMemoryReduce(rendezvous["shm"], tp.rank, tp.size)
     backend = "nccl" if tp.device.startswith("cuda") else "gloo"
     dist.init_process_group(backend, init_method=f"tcp://{rendezvous['address']}", rank=tp.rank, world_size=tp.size,
                             timeout=timedelta(seconds=GROUP_TIMEOUT_S))
@@ -147,3 +152,18 @@ class SharedMemoryReduce:
                     deadline = time.monotonic() + GROUP_TIMEOUT_S
                 elif polls % 1024 == 0 and time.monotonic() > deadline:
                     raise TimeoutError(f"tensor-parallel all-reduce: a rank did not answer in {GROUP_TIMEOUT_S} s")
+
+
+_shared: SharedMemoryReduce | None = None  # this process's group's (a rank process is in one group)
+
+
+@torch.library.custom_op("s2d::all_reduce", mutates_args=())
+def shared_all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """The shared-memory all-reduce as an op, which a compiled step (an AOTInductor package) calls
+    back into Python: about 8 us a call over the reduce itself (docs/bench/tensor_parallel.md)."""
+    return _shared(x.clone())
+
+
+@shared_all_reduce.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)

@@ -159,7 +159,11 @@ class Worker:
         sizes = self.batch_sizes
         return {"held": self.held, "batches": len(sizes), "max_batch": max(sizes, default=0),
                 "mean_batch": sum(sizes) / len(sizes) if sizes else 0.0, "evicted": self.table.evicted,
-                "prefill_forwards": self.prefill_forwards}
+                "prefill_forwards": self.prefill_forwards, "static_steps": sum(f.replays for f in self.static_steps())}
+
+    def static_steps(self) -> list:
+        """The model's static-shape steps (s2d/worker/graphs.py)."""
+        raise NotImplementedError
 
     def _sync(self, items, truncate) -> tuple[list[int], list[int]]:
         """Slot and reusable cached length of each item."""
@@ -187,6 +191,9 @@ class Proposer(Worker):
         super().__init__(draft.lm.n_slots)
         self.draft, self.model = draft, draft.lm
         self.exits = draft.exits
+
+    def static_steps(self) -> list:
+        return self.draft.static
 
     def clear_slot(self, slot: int):
         self.draft.lm.cache.clear(slot)
@@ -323,6 +330,9 @@ class Verifier(Worker):
     def __init__(self, lm: CausalLM):
         super().__init__(lm.n_slots)
         self.lm = self.model = lm
+
+    def static_steps(self) -> list:
+        return [f for f in (self.lm.static, self.lm.static_fill) if f]
 
     def clear_slot(self, slot: int):
         self.lm.cache.clear(slot)
