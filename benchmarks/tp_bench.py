@@ -8,9 +8,9 @@ test):
 Each configuration runs its ranks as processes in lockstep (as the cell's rank actors run) over
 the static-shape step (s2d/worker/graphs.py) at a 256-token context: a decode (1 row, 1 token), a
 verify of 6 tokens, and a decode of 8 rows. On CPU each runs compiled (AOTInductor packages,
-the all-reduce an op in them) and eagerly; tensor_parallel 2 all-reduces through shared memory,
-and eagerly through gloo (a split over nodes runs so: parallel.py). Rank 0 times each step; the other ranks wait on it in the
-collectives. Aim (issue 20): on CPU, tensor_parallel 2 within 1.5x of tensor_parallel 1; on a GPU,
+the all-reduce an op in them) and eagerly; tensor_parallel 2 all-reduces through shared
+memory, and eagerly through gloo (a split over nodes runs so: parallel.py). Rank 0 times each
+step; the other ranks wait on it in the collectives. Aim (issue 20): on CPU, tensor_parallel 2 within 1.5x of tensor_parallel 1; on a GPU,
 a 7B-shape decode at tensor_parallel 2 at most 0.6x of tensor_parallel 1's.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch.multiprocessing as mp
 from s2d.core.engine import warm_up_target
 from s2d.worker.graphs import attach
 from s2d.worker.model import CausalLM, load_hf_config
-from s2d.worker.parallel import TensorParallel, join, listen
+from s2d.worker.parallel import TensorParallel, join, listen, shared_memory_works
 
 SHAPE_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                 num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5)
@@ -71,7 +71,7 @@ def rank_main(rank: int, size: int, args, static: str, transport: str, rendezvou
     tp = TensorParallel(rank, size, f"cuda:{rank}" if cuda else "cpu")
     lm = load(args, tp, static)
     if size > 1:
-        join(tp, rendezvous, transport == "shm")
+        join(tp, rendezvous, transport == "shm" and shared_memory_works(tp.device))
     warm_up_target(args.model, lm)
     dev = lm.device
     sync = torch.cuda.synchronize if cuda else (lambda: None)

@@ -45,6 +45,19 @@ def family(tmp_path_factory) -> dict[str, Path]:
     return {p.name: p for p in d.iterdir()}
 
 
+V = 8  # tiny_vocab's vocabulary
+
+
+@pytest.fixture(scope="session")
+def tiny_vocab(tmp_path_factory):
+    """A target and a sorted draft over a vocabulary of V tokens: small enough to test distributions."""
+    d = tmp_path_factory.mktemp("v8")
+    save_random_model(llama_config(V, 2, 32, max_pos=64), d / "target", 5, init_std=0.5)
+    save_random_model(llama_config(V, 2, 32, max_pos=64), d / "draft-src", 6, init_std=0.5)
+    make_draft(d / "draft-src", 2, [1, 2], d / "draft")
+    return d
+
+
 def make_config(family, draft="draft", targets=("small", "large"), **target_kw) -> EngineConfig:
     """fp32 unless asked (token-for-token checks need it; auto is bf16 on a CPU with AVX512-BF16)."""
     kw = {"dtype": "float32", **target_kw}

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PROMPTS, make_config
+from conftest import PROMPTS, V, make_config
 from scipy.stats import chisquare
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -14,7 +14,6 @@ from s2d.core.config import SamplingParams, load_config
 from s2d.core.engine import Engine, Request, greedy
 from s2d.core.frontend import encode_prompt
 from s2d.tools.bench import heldout_code
-from s2d.train.tiny import llama_config, save_random_model
 from s2d.worker.draft import SortedDraft
 from s2d.worker.model import CausalLM
 from s2d.worker.rejection import verify_sampled
@@ -229,20 +228,6 @@ def test_bf16_near_tie_check_catches_a_wrong_rule(demo_bf16, monkeypatch):
 
 
 # -- sampling ------------------------------------------------------------------------------------
-V = 8
-
-
-@pytest.fixture(scope="module")
-def tiny_vocab(tmp_path_factory):
-    d = tmp_path_factory.mktemp("v8")
-    save_random_model(llama_config(V, 2, 32, max_pos=64), d / "target", 5, init_std=0.5)
-    save_random_model(llama_config(V, 2, 32, max_pos=64), d / "draft-src", 6, init_std=0.5)
-    from s2d.worker.draft import make_draft
-
-    make_draft(d / "draft-src", 2, [1, 2], d / "draft")
-    return d
-
-
 def first_two_tokens(tiny_vocab, n, params, thresholds, dtype="float32"):
     """Sample n (x1, x2) pairs with speculative decoding, 64 sequences per call, the models in dtype."""
     prop = Proposer(SortedDraft.from_pretrained(tiny_vocab / "draft", n_slots=64, max_len=32, dtype=dtype))

@@ -9,7 +9,7 @@ import ray
 import yaml
 from conftest import PROMPTS, make_config
 from test_http import App, expected_increase, grpc_stats, settled
-from test_lossless import N_SAMPLES, SIGNIFICANCE, chi2_pvalue, hf_continuations, target_joint, tiny_vocab  # noqa: F401
+from test_lossless import N_SAMPLES, SIGNIFICANCE, chi2_pvalue, hf_continuations, target_joint
 
 from deployments.local import shutdown
 from deployments.ray_executor import RayExecutor

@@ -60,7 +60,7 @@ def warm_up_target(name: str, lm: CausalLM):
 
 
 def _warm_up_target(name: str, lm: CausalLM):
-    if lm.tp.size > 1 and lm.tp.shared is None and lm.device == "cpu" and lm.static_mode == "on":
+    if lm.tp.size > 1 and not lm.tp.shared and lm.device == "cpu" and lm.static_mode == "on":
         # ranks on several CPU nodes: gloo inside a compiled package hung (docs/bench/tensor_parallel.md)
         lm.static_mode = "eager"
         attach(lm)

@@ -70,11 +70,11 @@ def _fingerprint(sf) -> str:
     lm = sf.lm
     h = hashlib.sha256()
     src = Path(__file__).parent
-    for name in ("aot.py", "graphs.py", "model.py", "cache.py", "parallel.py"):
+    for name in ("aot.py", "graphs.py", "model.py", "cache.py", "parallel.py", "shm_all_reduce.cpp"):
         h.update((src / name).read_bytes())
     h.update(repr((torch.__version__, str(lm.dtype), lm.n_slots, lm.max_len, sf.lo, sf.hi, sf.exit_head, sf.fill,
                    sf.max_width, autotune(), lm.window, torch.get_num_threads(), lm.tp.rank, lm.tp.size,
-                   lm.tp.shared is not None)).encode())
+                   lm.tp.shared)).encode())
     with torch.no_grad():
         for name, t in sorted(lm.state_dict().items()):
             h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())

@@ -249,8 +249,9 @@ class CausalLM(nn.Module):
     `tp`, one rank's part of it (s2d/worker/parallel.py)."""
 
     def __init__(self, cfg, n_slots=8, max_len=None, dtype=torch.float32, device="cpu", static_forward="off",
-                 tp: TensorParallel = TensorParallel()):
+                 tp: TensorParallel | None = None):
         super().__init__()
+        tp = tp or TensorParallel()
         check_divides(tp.size, cfg, "tensor_parallel")
         self.cfg, self.tp = cfg, tp
         self.model = Backbone(cfg, tp)
@@ -275,14 +276,14 @@ class CausalLM(nn.Module):
     # -- loading -------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path, n_slots=8, max_len=None, dtype="float32", device="cpu", trust_remote_code=False,
-                        static_forward="off", tp: TensorParallel = TensorParallel()):
+                        static_forward="off", tp: TensorParallel | None = None):
         """A checkpoint as a model (with `tp`, this rank's part, read as such): fp32 unless asked
         (configs pass their dtype, "auto" included)."""
         cfg = load_hf_config(path, trust_remote_code)
         torch_dtype = resolve_dtype(dtype, device) if isinstance(dtype, str) else dtype
         with torch.device("meta"):
             model = cls(cfg, n_slots, max_len, torch_dtype, device, static_forward, tp)
-        model.load_weights(load_safetensors_dir(path, tp.shard))
+        model.load_weights(load_safetensors_dir(path, model.tp.shard))
         return model
 
     def load_weights(self, state: dict[str, torch.Tensor]):
