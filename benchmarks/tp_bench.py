@@ -10,8 +10,9 @@ the static-shape step (s2d/worker/graphs.py) at a 256-token context: a decode (1
 verify of 6 tokens, and a decode of 8 rows. On CPU each runs compiled (AOTInductor packages,
 the all-reduce an op in them) and eagerly; tensor_parallel 2 all-reduces through shared
 memory, and eagerly through gloo (a split over nodes runs so: parallel.py). Rank 0 times each
-step; the other ranks wait on it in the collectives. Aim (issue 20): on CPU, tensor_parallel 2 within 1.5x of tensor_parallel 1; on a GPU,
-a 7B-shape decode at tensor_parallel 2 at most 0.6x of tensor_parallel 1's.
+step; the other ranks wait on it in the collectives. Aims (issue 20): on CPU, tensor_parallel 2
+within 1.5x of tensor_parallel 1; on a GPU, a 7B-shape decode at tensor_parallel 2 at most 0.6x
+of tensor_parallel 1's.
 """
 from __future__ import annotations
 
