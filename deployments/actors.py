@@ -4,6 +4,7 @@ over ranks (tensor_parallel) is one TargetActor per rank, in lockstep: every ran
 rank 0 alone samples and returns (s2d/worker/parallel.py)."""
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import replace
 
@@ -15,6 +16,8 @@ from s2d.core.engine import load_draft, load_target, warm_up_target
 from s2d.core.executor import Drafted, Tick, Verified, propose_tick, verify_tick
 from s2d.worker import parallel
 from s2d.worker.workers import Proposer, Verifier
+
+log = logging.getLogger("ray.serve")
 
 
 def torch_threads(spec: ModelSpec, share: int) -> int:
@@ -107,5 +110,12 @@ class TargetActor(_Actor):
 
     def verify(self, drafted: Drafted) -> Verified | None:
         use_threads(self.threads)
-        verified = verify_tick(self.worker, self.name, drafted)
+        try:
+            verified = verify_tick(self.worker, self.name, drafted)
+        except Exception:
+            if self.worker.lm.tp.size > 1:  # the group's collectives are out of step now
+                log.exception("s2d: rank %d of %s failed a tick; the cell replaces the target's ranks",
+                              self.rank, self.name)
+                os._exit(1)
+            raise
         return verified if self.rank == 0 else None  # the other ranks' verdicts are rank 0's

@@ -10,6 +10,7 @@ import yaml
 from conftest import PROMPTS, make_config
 from test_http import App, expected_increase, grpc_stats, settled
 from test_lossless import N_SAMPLES, SIGNIFICANCE, chi2_pvalue, hf_continuations, target_joint
+from test_serve import N, consume_while_killing
 
 from deployments.local import shutdown
 from deployments.ray_executor import RayExecutor
@@ -53,9 +54,14 @@ def requests() -> list[Request]:
 
 
 @pytest.fixture(scope="module")
-def expected(family):
-    cfg = config(family, tp=1)
-    return [r["token_ids"] for r in Engine.from_config(cfg).generate(requests())]
+def unsplit(family) -> Engine:
+    """The same config with "large" in one piece, in process."""
+    return Engine.from_config(config(family, tp=1))
+
+
+@pytest.fixture(scope="module")
+def expected(unsplit):
+    return [r["token_ids"] for r in unsplit.generate(requests())]
 
 
 def run(core, reqs, on_step=None) -> list[list[int]]:
@@ -177,15 +183,14 @@ def app(family, tmp_path_factory):
     shutdown()
 
 
-def test_a_served_split_target_beside_a_plain_one(app, family):
+def test_a_served_split_target_beside_a_plain_one(app, unsplit):
     """Over gRPC and HTTP, greedy equals the in-process unsplit engine, and the metrics counters
     increase by exactly the responses' stats."""
-    want = Engine.from_config(config(family, tp=1))
     before = settled(app)
     results = []
     for i, target in enumerate(["large", "small", "large", "large"]):
         prompt = PROMPTS[20 + i]
-        ref = want.generate([Request(target=target, prompt=prompt, params=greedy(12))])[0]
+        ref = unsplit.generate([Request(target=target, prompt=prompt, params=greedy(12))])[0]
         g = app.grpc.generate(target, prompt, max_tokens=12)
         assert list(g.token_ids) == ref["token_ids"], (target, prompt)
         results.append((target, g.finish_reason, {"prompt_tokens": g.usage.prompt_tokens,
@@ -198,6 +203,14 @@ def test_a_served_split_target_beside_a_plain_one(app, family):
     names = {name for name, _ in want_counts}
     got = {k: after[k] - before.get(k, 0) for k in after if k[0] in names and after[k] != before.get(k, 0)}
     assert got == dict(want_counts)
+
+
+def test_a_rank_killed_mid_stream_still_completes(app, unsplit):
+    prompt = PROMPTS[1]
+    want = unsplit.generate([Request(target="large", prompt=prompt, params=greedy(N))])[0]
+    got, errors = consume_while_killing(app.grpc, "large", prompt, "target-large-rank1")
+    assert not errors, errors
+    assert sum((list(c.token_ids) for c in got), []) == want["token_ids"] and got[-1].finished
 
 
 # -- config errors -------------------------------------------------------------------------------
