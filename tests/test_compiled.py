@@ -8,6 +8,7 @@ import torch
 from conftest import PROMPTS, make_config
 
 import s2d.worker.graphs
+import s2d.worker.workers
 from s2d.core.config import SamplingParams
 from s2d.core.engine import Engine, Request
 from s2d.worker import aot
@@ -62,3 +63,29 @@ def test_a_package_is_built_for_the_threads_it_runs_with(compiled_engine):
     finally:
         torch.set_num_threads(n)
     assert mine != other and aot._fingerprint(step) == mine
+
+
+def test_decode_rows_of_far_apart_contexts_stay_on_the_static_steps(family, monkeypatch):
+    """Rows whose contexts are over SPLIT_KEYS apart verify in two groups (short rows do not attend
+    over the long keys). Each group takes a static step, the one outside slots 0..B-1 the fill
+    step plus the head: never the eager forward, which cost the short requests beside long
+    prompts 2.9x their latency (docs/bench/elastic.md). The same tokens as the eager forward."""
+    def cfg(static):
+        c = make_config(family, targets=("large",), static_forward=static, max_seq_len=512)
+        c.draft.max_seq_len = 512
+        return c
+
+    static, eager = Engine.from_config(cfg("eager")), Engine.from_config(cfg("off"))
+    long = " ".join(PROMPTS)
+    assert len(static.frontends["large"].tokenizer(long).input_ids) > 4 * 64 + 16
+    reqs = [Request(target="large", prompt=p, mode=mode, params=SamplingParams(max_tokens=12, ignore_eos=True))
+            for mode in ("ar", "s2d") for p in [long, *PROMPTS[:6]]]
+    lm, eager_forwards, groups = static.verifiers["large"].lm, [], []
+    run_layers, split = lm.run_layers, s2d.worker.workers.split_by_keys
+    monkeypatch.setattr(lm, "run_layers", lambda *a, **kw: eager_forwards.append(1) or run_layers(*a, **kw))
+    monkeypatch.setattr(s2d.worker.workers, "split_by_keys", lambda *a: groups.append(split(*a)) or groups[-1])
+    got = static.generate(reqs)
+    assert max(map(len, groups)) == 2, "some tick verified the rows in two groups"
+    assert not eager_forwards and lm.static_fill.replays > 0 and lm.static.replays > 0
+    for r, g, w in zip(reqs, got, eager.generate(reqs)):
+        assert g["token_ids"] == w["token_ids"], (r.mode, r.prompt[:20])

@@ -17,7 +17,9 @@ positions and the mask are computed inside the step), so:
   the path a GPU runs.
 The LM head runs inside the step: a target's on every position, a draft segment's (norm, head,
 the exit decision's confidence and argmax) on each row's last token. A target's fill step takes
-prompt chunks in any slots, up to FILL_WIDTH tokens a row, and only writes the cache."""
+rows in any slots, up to FILL_WIDTH tokens a row, writes the cache and returns the hidden states
+without the head: prompt chunks, and decode rows outside slots 0..B-1 (the verifier applies the
+head to the positions it verifies)."""
 from __future__ import annotations
 
 import logging
@@ -89,7 +91,8 @@ class StaticForward:
         """Pure tensor code over the static buffers (compiled or captured). A target: the logits
         [R, T, V] of every position (a decode or verify row is all real tokens but its padding). A
         draft segment: (logits [R, V], confidence [R], argmax [R]) at each row's last token, its
-        hidden states written for the next segment. A fill: only the cache written."""
+        hidden states written for the next segment. A fill: the cache written, and the hidden
+        states [R, T, d] returned."""
         lm = self.lm
         starts, counts, slots = rows  # [R] each
         R, T = rows.shape[1], cols.shape[0]
@@ -106,7 +109,7 @@ class StaticForward:
         for i in range(self.lo, self.hi):
             h = lm.model.layers[i](h, cos, sin, lm.cache, i, b)
         if self.fill:
-            return h[:1, -1, :1]  # [1, 1] nothing is read: the cache was the point
+            return h  # [R, T, d]: a prompt chunk's are dropped; a decode row's take the head outside
         if not self.exit_head:
             return lm.head(h)  # [R, T, V]: a verify needs every real position
         self.hidden[slots[:, None], write_pos] = h  # padding rows write the scratch position

@@ -371,24 +371,39 @@ class Verifier(Worker):
         if items:
             self.batch_sizes.append(len(items))
         n_tokens += sum(padded(rs) for _, _, rs in groups[len(groups) - len(dec):])
-        one = groups[0] if lm.static and not fill and len(dec) == 1 else None  # (slots, starts, rows)
-        if one and lm.static.eligible(one[0], counts := [len(r) for r in one[2]]):
-            # the bucketed static step (compiled on CPU, a CUDA graph on GPU): one group of rows in slots 0..B-1
-            out = lm.static.run(one[0], one[1], counts, pad_tokens(one[2], lm.device))  # [B, T, V]
-            layout = [(0, out.shape[1])]
-            pick = lambda at: out.reshape(-1, out.shape[-1])[at]  # noqa: E731
+        judge = lm.tp.rank == 0  # rank 0 of a tensor-parallel group alone samples: only it needs logits
+        verified: dict[int, torch.Tensor] = {}  # item -> the logits [k+1, V] of its row's last k+1 positions
+        dec_groups = groups[len(groups) - len(dec):]
+        if lm.static and not fill and all(lm.static.eligible(sl, c := [len(r) for r in rs]) or
+                                          lm.static_fill.eligible(sl, c) for sl, _, rs in dec_groups):
+            # each decode group through a compiled step (on CPU; CUDA graphs on GPU): rows in slots
+            # 0..B-1 through the target's (the cache read as a view, the head inside), others
+            # through the fill step (their keys gathered), whose hidden states take the head here
+            for g, (sl, st, rs) in zip(dec, dec_groups):
+                counts = [len(r) for r in rs]
+                view = lm.static.eligible(sl, counts)
+                out = (lm.static if view else lm.static_fill).run(sl, st, counts, pad_tokens(rs, lm.device))
+                if judge:  # out: [B, T, V] logits, or [B, T, d] hidden states
+                    at = [(r, p) for r, i in enumerate(g) for p in range(counts[r] - len(items[i].drafts) - 1,
+                                                                         counts[r])]
+                    picked = out[tuple(torch.tensor(at, device=out.device).T)]  # [sum(k+1), V or d]
+                    self._split(verified, g, items, picked if view else lm.logits(picked))
         elif groups:
             batch = lm.packed([(sl, st, [len(r) for r in rs]) for sl, st, rs in groups])
             h = lm.run_layers(lm.embed(pack_tokens([rs for _, _, rs in groups], lm.device)), batch)  # [1, N, d]
-            layout = [(grp.start, grp.width) for grp in batch.groups[len(groups) - len(dec):]]
-            pick = lambda at: lm.logits(h[0, at.to(h.device)])  # noqa: E731
+            if judge:
+                at = [p for grp, g in zip(batch.groups[len(groups) - len(dec):], dec) for r, i in enumerate(g)
+                      for p in range(grp.start + r * grp.width + len(rows[i]) - len(items[i].drafts) - 1,
+                                     grp.start + r * grp.width + len(rows[i]))]
+                self._split(verified, [i for g in dec for i in g], items,
+                            lm.logits(h[0, torch.tensor(at, device=h.device)]))
         for it in chunks:
             self.table.cached[it.seq_id] = len(it.tokens)
         if not items:
             self._observe("prefill", len(chunks), n_tokens, time.perf_counter() - t0)
             return []
         # rejection sampling runs once, on rank 0 of a tensor-parallel group, which shares the verdicts
-        verdicts = self._judge(items, rows, layout, dec, pick) if lm.tp.rank == 0 else None
+        verdicts = self._judge(items, [verified[i] for i in range(len(items))]) if judge else None
         verdicts = share_verdicts(lm.tp, verdicts, len(items))
         # timed to the batch's one sync: on a GPU the forward has run by then, not only launched
         self._observe("verify" if not filled else "verify+prefill", len(items), n_tokens, time.perf_counter() - t0)
@@ -400,18 +415,17 @@ class Verifier(Worker):
                 it.tokens.extend(it.drafts[:v.accepted])  # the buffer (Worker.sync) holds what the cache holds
         return verdicts
 
-    def _judge(self, items: list[VerifyItem], rows: list[list[int]], layout, dec, pick) -> list[Verdict]:
-        """Each item's verdict from the target's logits: its accepted drafts and the target's token."""
-        # logits only where they are needed: the last k+1 positions of each decode row
-        at = {}
-        for (start, width), g in zip(layout, dec):
-            for r, i in enumerate(g):
-                end = start + r * width + len(rows[i])
-                at[i] = torch.arange(end - len(items[i].drafts) - 1, end)
-        logits = pick(torch.cat([at[i] for i in range(len(items))]))  # [sum(k+1), V]
+    @staticmethod
+    def _split(verified: dict, order: list[int], items: list[VerifyItem], logits: torch.Tensor):
+        """Hand each item of `order` its k+1 rows of `logits` (laid out in that order)."""
+        for i, part in zip(order, logits.split([len(items[i].drafts) + 1 for i in order])):
+            verified[i] = part
+
+    def _judge(self, items: list[VerifyItem], per_item: list[torch.Tensor]) -> list[Verdict]:
+        """Each item's verdict from the target's logits at its last k+1 positions ([k+1, V] each):
+        its accepted drafts and the target's token."""
         verdicts: list[Verdict | None] = [None] * len(items)
         batch, ps, gens = [], [], []
-        per_item = logits.split([len(it.drafts) + 1 for it in items])
         for i, (it, lg) in enumerate(zip(items, per_item)):
             try:
                 p = None if it.params.greedy else probs_from_logits(lg, it.params)  # [k+1, V]
