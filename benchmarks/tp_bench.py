@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 import torch
 import torch.multiprocessing as mp
 
 from s2d.core.engine import warm_up_target
+from s2d.tools.bench import median_ms
 from s2d.worker.graphs import attach
 from s2d.worker.model import CausalLM, load_hf_config
 from s2d.worker.parallel import TensorParallel, join, listen, shared_memory_works
@@ -49,19 +48,6 @@ def load(args, tp: TensorParallel, static: str) -> CausalLM:
     return attach(CausalLM.from_pretrained(path, 8, CONTEXT + 64, dtype, args.device, static_forward=static, tp=tp))
 
 
-def timed(fn, reps: int, sync) -> float:
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(reps):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
-
-
 @torch.inference_mode()
 def rank_main(rank: int, size: int, args, static: str, transport: str, rendezvous: dict, queue):
     cuda = args.device == "cuda"
@@ -75,17 +61,16 @@ def rank_main(rank: int, size: int, args, static: str, transport: str, rendezvou
         join(tp, rendezvous, transport == "shm" and shared_memory_works(tp.device))
     warm_up_target(args.model, lm)
     dev = lm.device
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     for slot in range(8):  # every slot holds a CONTEXT-token prefix
         lm(torch.zeros(1, CONTEXT, dtype=torch.long, device=dev), lm.batch([slot], [0], [CONTEXT]))
     row = {}
     for what, B, T in STEPS:
         toks = torch.zeros(B, T, dtype=torch.long, device=dev)
-        row[what] = timed(lambda: lm.static.run(list(range(B)), [CONTEXT] * B, [T] * B, toks), args.reps, sync)
+        row[what] = median_ms(lambda: lm.static.run(list(range(B)), [CONTEXT] * B, [T] * B, toks), args.reps)
     h = torch.zeros(1, 1, lm.cfg.hidden_size, dtype=lm.dtype, device=dev)
-    row["head_ms"] = timed(lambda: lm.head(h), args.reps, sync)  # what a vocab-parallel head could split
+    row["head_ms"] = median_ms(lambda: lm.head(h), args.reps)  # what a vocab-parallel head could split
     if size > 1:  # one all-reduce of a decode's hidden state
-        row["reduce_us"] = 1000 * timed(lambda: tp.reduce(h), 200, sync)
+        row["reduce_us"] = 1000 * median_ms(lambda: tp.reduce(h), 200)
     if rank == 0:
         queue.put(row)
 
